@@ -1,0 +1,12 @@
+//! The Delegate agent: holds an outbound mutual-TLS WebSocket to the control plane, runs the tasks it
+//! is given in hardened Docker sandboxes, and streams their output back.
+//!
+//! Module map (each module's own docs say what it owns and what it must never do):
+//! - `config`: the TOML + `DELEGATE_*` configuration, validated once at start.
+//! - `tls`: the rustls client configuration (TLS 1.3 only, configured CA, optional SPKI pin).
+//! - `link`: the connection lifecycle (connect, Hello/Welcome, heartbeats, reconnect with backoff).
+//! - `tasks`: the task lifecycle on the link side (accept, inputs, sequencing, cancel, done).
+//! - `task_io`: the seam between `tasks` and `sandbox`.
+//! - `sandbox`: Docker: images, per-task volume and network, hardened step containers.
+
+pub mod task_io;
