@@ -10,3 +10,8 @@
 //! - `sandbox`: Docker: images, per-task volume and network, hardened step containers.
 
 pub mod task_io;
+pub mod config;
+pub mod link;
+pub mod sandbox;
+pub mod tasks;
+pub mod tls;
