@@ -8,6 +8,8 @@
 //! - `tasks`: the task lifecycle on the link side (accept, inputs, sequencing, cancel, done).
 //! - `task_io`: the seam between `tasks` and `sandbox`.
 //! - `sandbox`: Docker: images, per-task volume and network, hardened step containers.
+//! - `egress`: the allowlisting proxy a sandbox reaches the outside through.
+//! - `redact`: the streaming secret redactor over every byte a sandbox emits.
 
 pub mod task_io;
 pub mod config;
@@ -15,3 +17,5 @@ pub mod link;
 pub mod sandbox;
 pub mod tasks;
 pub mod tls;
+pub mod egress;
+pub mod redact;

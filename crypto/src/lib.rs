@@ -1,0 +1,1 @@
+//! delegate-crypto (in progress)
