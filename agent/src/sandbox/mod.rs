@@ -1,1 +1,4 @@
 //! sandbox (in progress)
+
+pub mod archive;
+mod hcl;
