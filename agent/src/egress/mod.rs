@@ -1,1 +1,5 @@
-//! egress (in progress)
+//! The egress allowlist: the rules an operator writes, the decision for each destination a sandbox
+//! asks for, and the proxy that enforces it.
+
+pub mod matcher;
+pub mod rules;
