@@ -1,1 +1,49 @@
-//! cp
+//! Delegate reference control plane (`delegate-cp`): the peer agents connect to, the user API and
+//! the CLI that talks to it.
+//!
+//! Module map:
+//! - `config`: `DIR/controlplane.toml` and the data directory layout.
+//! - `init`: creating a data directory (CA, certificates, token, agent bundles).
+//! - `pki`, `tls`: certificates and rustls configurations (TLS 1.3 only everywhere).
+//! - `store`, `at_rest`, `audit`: SQLite database, blobs on disk, the hash-chained audit trail.
+//! - `hub`: in-memory view of connected agents and task secrets.
+//! - `dispatch`, `seq`, `lock`: decisions as pure functions (which agent gets a task, what to do
+//!   with a sequenced message, who holds a workspace lock).
+//! - `cp`: the control plane's shared state and the operations on it.
+//! - `agent_link`: the agent endpoint (mTLS, WebSocket, Hello/Welcome, heartbeats, frames).
+//! - `api`: the user API (HTTPS, bearer token, JSON).
+//! - `serve`: binding listeners and running both endpoints until shutdown.
+//! - `client`, `cli`, `pack`: the CLI side: HTTP client, commands and output, workspace packing.
+
+pub mod agent_link;
+pub mod api;
+pub mod at_rest;
+pub mod audit;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod cp;
+pub mod hub;
+pub mod init;
+pub mod pki;
+pub mod serve;
+pub mod store;
+pub mod tasks;
+pub mod tls;
+pub mod token;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// RFC 3339 (UTC, milliseconds) of a `*_ms` timestamp.
+pub fn rfc3339(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}

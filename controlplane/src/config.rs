@@ -1,0 +1,240 @@
+//! The control plane's own configuration (`DIR/controlplane.toml`) and the layout of its data
+//! directory.
+//!
+//! Owns: parsing and validating the config file (every bad key reported, by name, at once) and the
+//! paths of every file the control plane keeps. Never creates or writes files (see `init`).
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+pub const CONFIG_FILE: &str = "controlplane.toml";
+
+/// Errors loading the config. None is retryable: the operator must fix the file.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: invalid configuration:\n  {}", .errors.join("\n  "))]
+    Invalid { path: PathBuf, errors: Vec<String> },
+}
+
+/// `DIR/controlplane.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpConfig {
+    /// Where agents connect (mTLS WebSocket).
+    pub agent_listen: String,
+    /// Where the user API listens (HTTPS, bearer token).
+    pub api_listen: String,
+    /// Heartbeat interval announced in Welcome; a peer silent for three intervals is dead.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval_ms: u64,
+    /// Largest workspace archive accepted at submit.
+    #[serde(default = "default_max_archive")]
+    pub max_archive_bytes: u64,
+    /// Pool used when a submit names none.
+    #[serde(default = "default_pool")]
+    pub default_pool: String,
+}
+
+fn default_heartbeat() -> u64 {
+    5000
+}
+fn default_max_archive() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_pool() -> String {
+    "default".into()
+}
+
+impl Default for CpConfig {
+    fn default() -> Self {
+        CpConfig {
+            agent_listen: "127.0.0.1:8443".into(),
+            api_listen: "127.0.0.1:8444".into(),
+            heartbeat_interval_ms: default_heartbeat(),
+            max_archive_bytes: default_max_archive(),
+            default_pool: default_pool(),
+        }
+    }
+}
+
+impl CpConfig {
+    /// Parse and validate the TOML text of a config file.
+    pub fn parse(path: &Path, text: &str) -> Result<CpConfig, ConfigError> {
+        let cfg: CpConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let errors = cfg.validate();
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                errors,
+            })
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<CpConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Every problem, each naming its key.
+    pub fn validate(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if let Err(e) = self.agent_listen.parse::<SocketAddr>() {
+            errors.push(format!(
+                "agent_listen: {:?} is not an IP:port address ({e})",
+                self.agent_listen
+            ));
+        }
+        if let Err(e) = self.api_listen.parse::<SocketAddr>() {
+            errors.push(format!(
+                "api_listen: {:?} is not an IP:port address ({e})",
+                self.api_listen
+            ));
+        }
+        if self.heartbeat_interval_ms == 0 || self.heartbeat_interval_ms > 3_600_000 {
+            errors.push(format!(
+                "heartbeat_interval_ms: must be 1..=3600000, got {}",
+                self.heartbeat_interval_ms
+            ));
+        }
+        if self.max_archive_bytes == 0
+            || self.max_archive_bytes > delegate_protocol::limits::MAX_BLOB
+        {
+            errors.push(format!(
+                "max_archive_bytes: must be 1..={}, got {}",
+                delegate_protocol::limits::MAX_BLOB,
+                self.max_archive_bytes
+            ));
+        }
+        if self.default_pool.is_empty()
+            || self.default_pool.len() > delegate_protocol::limits::MAX_NAME
+        {
+            errors.push("default_pool: must be 1..=256 bytes".into());
+        }
+        errors
+    }
+
+    pub fn agent_addr(&self) -> SocketAddr {
+        self.agent_listen
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8443)))
+    }
+
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_listen
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8444)))
+    }
+
+    pub fn to_toml(&self) -> String {
+        // Plain strings and integers: serialisation cannot fail.
+        toml::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Paths inside a control plane's data directory.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    pub root: PathBuf,
+}
+
+impl DataDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        DataDir { root: root.into() }
+    }
+    pub fn config(&self) -> PathBuf {
+        self.root.join(CONFIG_FILE)
+    }
+    pub fn tls_dir(&self) -> PathBuf {
+        self.root.join("tls")
+    }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.tls_dir().join("ca.pem")
+    }
+    pub fn ca_key(&self) -> PathBuf {
+        self.tls_dir().join("ca.key")
+    }
+    pub fn server_cert(&self) -> PathBuf {
+        self.tls_dir().join("server.pem")
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.tls_dir().join("server.key")
+    }
+    pub fn api_token(&self) -> PathBuf {
+        self.root.join("api-token")
+    }
+    pub fn db(&self) -> PathBuf {
+        self.root.join("cp.db")
+    }
+    pub fn blobs(&self) -> PathBuf {
+        self.root.join("blobs")
+    }
+    pub fn agents_dir(&self) -> PathBuf {
+        self.root.join("agents")
+    }
+    pub fn agent_dir(&self, name: &str) -> PathBuf {
+        self.agents_dir().join(name)
+    }
+    /// Written by `serve` once it has bound its listeners: the actual addresses (useful when the
+    /// config asks for port 0). Removed on clean shutdown.
+    pub fn listen_file(&self) -> PathBuf {
+        self.root.join("listen.json")
+    }
+    /// True when the directory already holds a control plane (any of its key files).
+    pub fn is_initialised(&self) -> bool {
+        self.config().exists() || self.ca_key().exists() || self.db().exists()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip() {
+        let cfg = CpConfig::default();
+        let text = cfg.to_toml();
+        assert!(text.contains("agent_listen = \"127.0.0.1:8443\""));
+        assert_eq!(CpConfig::parse(Path::new("x"), &text).unwrap(), cfg);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = CpConfig::parse(
+            Path::new("cp.toml"),
+            "agent_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\"\nbogus = 1\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn all_errors_reported_at_once() {
+        let err = CpConfig::parse(
+            Path::new("cp.toml"),
+            "agent_listen = \"nope\"\napi_listen = \"x:y\"\nheartbeat_interval_ms = 0\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("agent_listen"), "{err}");
+        assert!(err.contains("api_listen"), "{err}");
+        assert!(err.contains("heartbeat_interval_ms"), "{err}");
+    }
+}

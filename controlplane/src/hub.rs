@@ -1,0 +1,125 @@
+//! The in-memory side of the control plane: which agents are connected right now (with the
+//! channel to each connection's writer and the tasks each holds), and task secrets.
+//!
+//! Owns: connection registration/replacement and what is only ever in memory. Never performs I/O
+//! and never blocks: callers hold its lock briefly, never across an `.await`.
+
+use delegate_protocol::{encode_text, Message, Secrets};
+use std::collections::{BTreeSet, HashMap};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+/// Something for a connection's writer to put on the socket.
+#[derive(Debug)]
+pub enum Outbound {
+    Text(String),
+    Binary(Vec<u8>),
+}
+
+/// A live agent connection.
+#[derive(Debug)]
+pub struct AgentConn {
+    pub conn_id: u64,
+    pub peer: String,
+    pub pool: String,
+    pub slots: u32,
+    pub tx: mpsc::UnboundedSender<Outbound>,
+    /// Fired to make the connection close itself (replaced, shutdown), with the reason.
+    pub close: Option<oneshot::Sender<String>>,
+    /// Tasks assigned to this agent and not finished.
+    pub held: BTreeSet<Uuid>,
+}
+
+impl AgentConn {
+    pub fn free_slots(&self) -> u32 {
+        self.slots.saturating_sub(self.held.len() as u32)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Hub {
+    pub agents: HashMap<String, AgentConn>,
+    /// Task secrets: memory only, never in the database, logs or API output.
+    pub secrets: HashMap<Uuid, Secrets>,
+}
+
+impl Hub {
+    /// Register a connection; a previous connection of the same identity is returned (its close
+    /// signal not yet fired) so the caller can close it.
+    pub fn register(&mut self, name: &str, conn: AgentConn) -> Option<AgentConn> {
+        self.agents.insert(name.to_string(), conn)
+    }
+
+    /// Remove `name` if `conn_id` is still its current connection. Returns whether it was.
+    pub fn unregister(&mut self, name: &str, conn_id: u64) -> Option<AgentConn> {
+        if self.agents.get(name).map(|c| c.conn_id) == Some(conn_id) {
+            self.agents.remove(name)
+        } else {
+            None
+        }
+    }
+
+    pub fn is_current(&self, name: &str, conn_id: u64) -> bool {
+        self.agents.get(name).map(|c| c.conn_id) == Some(conn_id)
+    }
+
+    /// Queue a control message to `name`'s connection. False if not connected.
+    pub fn send(&self, name: &str, msg: &Message) -> bool {
+        match self.agents.get(name) {
+            Some(c) => c.tx.send(Outbound::Text(encode_text(msg))).is_ok(),
+            None => false,
+        }
+    }
+
+    pub fn send_binary(&self, name: &str, bytes: Vec<u8>) -> bool {
+        match self.agents.get(name) {
+            Some(c) => c.tx.send(Outbound::Binary(bytes)).is_ok(),
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(id: u64) -> (AgentConn, mpsc::UnboundedReceiver<Outbound>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            AgentConn {
+                conn_id: id,
+                peer: "p".into(),
+                pool: "default".into(),
+                slots: 2,
+                tx,
+                close: None,
+                held: BTreeSet::new(),
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn replacement_keeps_newest() {
+        let mut hub = Hub::default();
+        let (c1, _r1) = conn(1);
+        let (c2, _r2) = conn(2);
+        assert!(hub.register("a", c1).is_none());
+        assert_eq!(hub.register("a", c2).map(|c| c.conn_id), Some(1));
+        // The old connection closing must not remove the new one.
+        assert!(hub.unregister("a", 1).is_none());
+        assert!(hub.is_current("a", 2));
+        assert!(hub.unregister("a", 2).is_some());
+        assert!(hub.agents.is_empty());
+    }
+
+    #[test]
+    fn free_slots_count_held_tasks() {
+        let (mut c, _r) = conn(1);
+        assert_eq!(c.free_slots(), 2);
+        c.held.insert(Uuid::from_u128(1));
+        c.held.insert(Uuid::from_u128(2));
+        c.held.insert(Uuid::from_u128(3));
+        assert_eq!(c.free_slots(), 0);
+    }
+}
