@@ -1,0 +1,900 @@
+//! The task lifecycle on the link side: slots, Accept/Reject, input chunks and their verification,
+//! sequencing and acknowledgement of everything a task reports, resend after a reconnect, cancel,
+//! and the state-backend relay.
+//!
+//! [`TaskManager`] is shared by the link (which feeds it the control plane's messages and pulls
+//! frames to send) and by one driver per running task (which turns the executor's
+//! [`TaskOutput`]s into sequenced frames). Execution itself is behind the [`Executor`] trait: the
+//! Docker sandbox in the daemon, a fake in tests.
+//!
+//! Rules this module keeps: a dropped connection never stops a running task (its output waits in
+//! the task's [`Outbox`]); a plan whose hash differs from the approved one never reaches the
+//! executor; `done` is the last sequenced message and is sent only after the result; a task is
+//! forgotten once `done` is acknowledged. It never blocks the link: the lock is held only for
+//! short bookkeeping and never across an await. It never logs task output or secrets.
+
+pub mod inputs;
+pub mod lifecycle;
+pub mod outbox;
+
+pub use lifecycle::{InvalidTransition, Phase};
+pub use outbox::{Outbox, OutboxError, WireFrame};
+
+use crate::task_io::{StateReply, TaskInputs, TaskOutput, TaskOutputTx, TaskResult};
+use base64::Engine;
+use bytes::Bytes;
+use delegate_protocol::{
+    encode_binary, encode_text, Accept, Ack, BinaryFrame, Cancel, ChunkFrame, ChunkKind, Done,
+    ErrorCode, ErrorMsg, Event, HeldTask, Message, Op, Outcome, Reject, ResumePoint, StateMethod,
+    StateRequest, StateResponse, Summary, TaskSpec,
+};
+use futures_util::future::BoxFuture;
+use inputs::{InputAssembly, Progress};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+/// Runs a task whose inputs were verified. Implemented over the Docker sandbox by the daemon and
+/// by fakes in tests.
+pub trait Executor: Send + Sync + 'static {
+    /// `Ok` when tasks can start now; otherwise the reason every Assign is rejected with (e.g. the
+    /// container engine cannot be reached).
+    fn availability(&self) -> Result<(), String>;
+
+    /// Run the task to its end, reporting through `out`. `cancel` fires on a `cancel` message.
+    fn run(
+        &self,
+        inputs: TaskInputs,
+        out: TaskOutputTx,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'static, TaskResult>;
+}
+
+/// Largest payload of an outbound log or artifact chunk frame.
+pub const OUT_CHUNK: usize = 256 * 1024;
+
+/// Tunables of the task side.
+#[derive(Debug, Clone)]
+pub struct TaskSettings {
+    /// Tasks run at once (advertised in Hello).
+    pub slots: u32,
+    /// How long an accepted task waits for its input chunks before it fails.
+    pub inputs_timeout: Duration,
+    /// How long a relayed state request waits (for the link to come up and for the answer)
+    /// before tofu is answered 503.
+    pub state_timeout: Duration,
+    /// Unacknowledged bytes a task may hold before its output reader is made to wait.
+    pub outbox_limit: usize,
+    /// Capacity of the channel from the executor.
+    pub output_buffer: usize,
+    /// Refuse an Assign whose archive is larger than this.
+    pub max_archive_bytes: Option<u64>,
+}
+
+impl TaskSettings {
+    pub fn new(slots: u32) -> Self {
+        TaskSettings {
+            slots,
+            inputs_timeout: Duration::from_secs(600),
+            state_timeout: Duration::from_secs(60),
+            outbox_limit: 64 * 1024 * 1024,
+            output_buffer: 64,
+            max_archive_bytes: None,
+        }
+    }
+}
+
+struct Entry {
+    phase: Phase,
+    op: Op,
+    outbox: Outbox,
+    cancel: CancellationToken,
+    /// Kept until the inputs are complete and the task starts.
+    spec: Option<TaskSpec>,
+    inputs: Option<InputAssembly>,
+    /// Seq of `done`, once queued.
+    done_seq: Option<u64>,
+}
+
+struct PendingState {
+    task_id: Uuid,
+    frame: WireFrame,
+    sent: bool,
+    reply: oneshot::Sender<StateReply>,
+}
+
+#[derive(Default)]
+struct State {
+    tasks: BTreeMap<Uuid, Entry>,
+    /// Unsequenced frames for the current connection (accept, reject, error).
+    conn: VecDeque<WireFrame>,
+    states: BTreeMap<u64, PendingState>,
+    connected: bool,
+    draining: bool,
+    next_request_id: u64,
+    /// Round-robin position among task outboxes.
+    rr_after: Option<Uuid>,
+}
+
+struct Inner {
+    settings: TaskSettings,
+    executor: Arc<dyn Executor>,
+    state: Mutex<State>,
+    /// Something new to send.
+    outgoing: Notify,
+    /// An outbox shrank (or a task went away).
+    space: Notify,
+    /// A task was forgotten.
+    changed: Notify,
+}
+
+/// The link side of all tasks. Cheap to clone.
+#[derive(Clone)]
+pub struct TaskManager {
+    inner: Arc<Inner>,
+}
+
+impl TaskManager {
+    pub fn new(settings: TaskSettings, executor: Arc<dyn Executor>) -> Self {
+        TaskManager {
+            inner: Arc::new(Inner {
+                settings,
+                executor,
+                state: Mutex::new(State {
+                    next_request_id: 1,
+                    ..State::default()
+                }),
+                outgoing: Notify::new(),
+                space: Notify::new(),
+                changed: Notify::new(),
+            }),
+        }
+    }
+
+    /// Slots advertised in Hello.
+    pub fn slots(&self) -> u32 {
+        self.inner.settings.slots
+    }
+
+    /// Tasks the agent holds (running, or with unacknowledged output), for Hello.
+    pub fn held_tasks(&self) -> Vec<HeldTask> {
+        self.inner
+            .lock()
+            .tasks
+            .iter()
+            .map(|(id, e)| HeldTask {
+                task_id: *id,
+                acked_seq: e.outbox.acked(),
+            })
+            .collect()
+    }
+
+    /// Number of tasks holding a slot.
+    pub fn busy_slots(&self) -> usize {
+        self.inner.lock().busy()
+    }
+
+    /// Number of tasks held at all (including those waiting for `done` to be acknowledged).
+    pub fn held(&self) -> usize {
+        self.inner.lock().tasks.len()
+    }
+
+    /// The phase of a task, if held.
+    pub fn phase(&self, task_id: Uuid) -> Option<Phase> {
+        self.inner.lock().tasks.get(&task_id).map(|e| e.phase)
+    }
+
+    /// A connection was established and welcomed: resend everything unacknowledged, starting after
+    /// each resume point; drop tasks the control plane does not know.
+    pub fn on_connected(&self, resume: &[ResumePoint]) {
+        let inner = &self.inner;
+        let mut st = inner.lock();
+        st.connected = true;
+        for e in st.tasks.values_mut() {
+            e.outbox.rewind();
+        }
+        for rp in resume {
+            let Some(e) = st.tasks.get_mut(&rp.task_id) else {
+                continue;
+            };
+            if !rp.known {
+                info!(task_id = %rp.task_id, "control plane does not know this task; dropping it");
+                e.cancel.cancel();
+                st.tasks.remove(&rp.task_id);
+                continue;
+            }
+            if let Err(err) = e.outbox.resume_from(rp.acked_seq) {
+                warn!(task_id = %rp.task_id, error = %err, "resume point does not fit this task's output");
+            }
+        }
+        st.forget_acked_tasks();
+        drop(st);
+        inner.space.notify_waiters();
+        inner.changed.notify_waiters();
+        inner.outgoing.notify_one();
+    }
+
+    /// The connection is gone. Running tasks go on; their output waits. Tasks still waiting for
+    /// inputs fail (the inputs of that connection will not arrive); relayed state requests that
+    /// were sent get 503 (their answer will not arrive).
+    pub fn on_disconnected(&self) {
+        let mut st = self.inner.lock();
+        st.connected = false;
+        st.conn.clear();
+        let sent: Vec<u64> = st
+            .states
+            .iter()
+            .filter(|(_, p)| p.sent)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in sent {
+            if let Some(p) = st.states.remove(&id) {
+                let _ = p
+                    .reply
+                    .send(unavailable("the connection to the control plane was lost"));
+            }
+        }
+        let waiting: Vec<Uuid> = st
+            .tasks
+            .iter()
+            .filter(|(_, e)| e.phase.awaits_inputs())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in waiting {
+            st.finish(
+                id,
+                Outcome::Failed,
+                Some("the connection to the control plane was lost while the task's inputs were arriving".into()),
+                Summary::default(),
+            );
+        }
+        drop(st);
+        self.inner.changed.notify_waiters();
+    }
+
+    /// Handle a control message about tasks: `assign`, `ack`, `cancel`, `state_response`. Any
+    /// other message is answered with `protocol_violation`.
+    pub fn handle_message(&self, msg: Message) {
+        match msg {
+            Message::Assign(a) => self.inner.assign(a.task),
+            Message::Ack(a) => self.inner.ack(a),
+            Message::Cancel(c) => self.inner.cancel(c),
+            Message::StateResponse(r) => self.inner.state_response(r),
+            other => self.inner.send_error(
+                ErrorCode::ProtocolViolation,
+                format!("the agent does not accept {:?} messages", other.type_name()),
+                None,
+            ),
+        }
+    }
+
+    /// Handle a binary frame from the control plane: input chunks. A log frame is answered with
+    /// `protocol_violation`.
+    pub fn handle_binary(&self, frame: BinaryFrame) {
+        match frame {
+            BinaryFrame::Chunk(c) => self.inner.chunk(c),
+            BinaryFrame::Log(l) => self.inner.send_error(
+                ErrorCode::ProtocolViolation,
+                "log frames flow from the agent to the control plane only".into(),
+                Some(l.task_id),
+            ),
+        }
+    }
+
+    /// Queue an `error` for the current connection.
+    pub fn send_error(&self, code: ErrorCode, message: String, task_id: Option<Uuid>) {
+        self.inner.send_error(code, message, task_id);
+    }
+
+    /// The next frame to send on the current connection, marked as sent. Order: connection
+    /// replies, state requests, then task outboxes in turn.
+    pub fn next_outgoing(&self) -> Option<WireFrame> {
+        self.inner.lock().next_outgoing()
+    }
+
+    /// Whether [`Self::next_outgoing`] would return something.
+    pub fn has_outgoing(&self) -> bool {
+        self.inner.lock().has_outgoing()
+    }
+
+    /// Resolves when something may have been queued since the last call.
+    pub async fn outgoing_ready(&self) {
+        self.inner.outgoing.notified().await;
+    }
+
+    /// Stop accepting tasks (SIGTERM): every new Assign is rejected.
+    pub fn start_draining(&self) {
+        self.inner.lock().draining = true;
+    }
+
+    /// Resolves once no task is held any more (all `done`s acknowledged).
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.inner.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.inner.lock().tasks.is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+fn unavailable(why: &str) -> StateReply {
+    StateReply {
+        status: 503,
+        body: format!("delegate agent: {why}").into_bytes(),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn text(msg: &Message) -> WireFrame {
+    WireFrame::Text(encode_text(msg))
+}
+
+impl State {
+    fn busy(&self) -> usize {
+        self.tasks.values().filter(|e| e.phase.holds_slot()).count()
+    }
+
+    /// Record a task's result: `done` is queued as its last sequenced message.
+    fn finish(&mut self, id: Uuid, outcome: Outcome, reason: Option<String>, summary: Summary) {
+        let Some(e) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        if let Err(err) = e.phase.advance(Phase::Finishing) {
+            warn!(task_id = %id, error = %err, "task result ignored");
+            return;
+        }
+        e.inputs = None;
+        e.spec = None;
+        let reason = reason.map(|r| truncate(r, delegate_protocol::limits::MAX_TEXT));
+        info!(task_id = %id, op = %e.op, outcome = outcome.as_str(), reason = reason.as_deref().unwrap_or(""), "task finished");
+        let seq = e.outbox.push(|seq| {
+            text(&Message::Done(Done {
+                task_id: id,
+                seq,
+                outcome,
+                reason,
+                summary: Some(summary),
+            }))
+        });
+        e.done_seq = Some(seq);
+    }
+
+    /// Forget tasks whose `done` was acknowledged.
+    fn forget_acked_tasks(&mut self) {
+        let finished: Vec<Uuid> = self
+            .tasks
+            .iter()
+            .filter(|(_, e)| e.done_seq.is_some_and(|d| e.outbox.acked() >= d))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in finished {
+            if let Some(mut e) = self.tasks.remove(&id) {
+                let _ = e.phase.advance(Phase::Done);
+                debug!(task_id = %id, "task done and acknowledged; forgotten");
+            }
+        }
+    }
+
+    fn has_outgoing(&self) -> bool {
+        self.connected
+            && (!self.conn.is_empty()
+                || self.states.values().any(|p| !p.sent)
+                || self.tasks.values().any(|e| e.outbox.has_unsent()))
+    }
+
+    fn next_outgoing(&mut self) -> Option<WireFrame> {
+        if !self.connected {
+            return None;
+        }
+        if let Some(f) = self.conn.pop_front() {
+            return Some(f);
+        }
+        if let Some(p) = self.states.values_mut().find(|p| !p.sent) {
+            p.sent = true;
+            return Some(p.frame.clone());
+        }
+        // Round robin over the tasks, starting after the last one served.
+        let start = self.rr_after;
+        let after = start
+            .map(|s| {
+                self.tasks
+                    .range((std::ops::Bound::Excluded(s), std::ops::Bound::Unbounded))
+                    .map(|(id, _)| *id)
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let before: Vec<Uuid> = self
+            .tasks
+            .keys()
+            .copied()
+            .filter(|id| start.is_none_or(|s| *id <= s))
+            .collect();
+        for id in after.into_iter().chain(before) {
+            if let Some(f) = self.tasks.get_mut(&id).and_then(|e| e.outbox.next_unsent()) {
+                self.rr_after = Some(id);
+                return Some(f);
+            }
+        }
+        None
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max.saturating_sub(3);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str("...");
+    }
+    s
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain bookkeeping behind; keep serving.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn queue(&self, frame: WireFrame) {
+        let mut st = self.lock();
+        if st.connected {
+            st.conn.push_back(frame);
+        }
+        drop(st);
+        self.outgoing.notify_one();
+    }
+
+    fn send_error(&self, code: ErrorCode, message: String, task_id: Option<Uuid>) {
+        self.queue(text(&Message::Error(ErrorMsg {
+            code,
+            message: truncate(message, delegate_protocol::limits::MAX_TEXT),
+            task_id,
+        })));
+    }
+
+    fn assign(self: &Arc<Self>, spec: TaskSpec) {
+        let id = spec.task_id;
+        // Ask the executor first: it may take its own lock.
+        let available = self.executor.availability();
+        let mut st = self.lock();
+        if st.tasks.contains_key(&id) {
+            drop(st);
+            self.send_error(
+                ErrorCode::ProtocolViolation,
+                format!("task {id} is already held by this agent"),
+                Some(id),
+            );
+            return;
+        }
+        let refusal = if st.draining {
+            Some("agent is shutting down".to_string())
+        } else if let Err(why) = available {
+            Some(why)
+        } else if st.busy() >= self.settings.slots as usize {
+            Some("no free slot".to_string())
+        } else {
+            match self.settings.max_archive_bytes {
+                Some(max) if spec.archive.size > max => Some(format!(
+                    "workspace archive of {} bytes exceeds this agent's limit of {max} bytes",
+                    spec.archive.size
+                )),
+                _ => None,
+            }
+        };
+        if let Some(reason) = refusal {
+            info!(task_id = %id, op = %spec.op, %reason, "task rejected");
+            if st.connected {
+                st.conn.push_back(text(&Message::Reject(Reject {
+                    task_id: id,
+                    reason: truncate(reason, delegate_protocol::limits::MAX_TEXT),
+                })));
+            }
+            drop(st);
+            self.outgoing.notify_one();
+            return;
+        }
+        info!(task_id = %id, op = %spec.op, workspace = %spec.workspace, "task accepted");
+        st.tasks.insert(
+            id,
+            Entry {
+                phase: Phase::Received,
+                op: spec.op,
+                outbox: Outbox::new(),
+                cancel: CancellationToken::new(),
+                inputs: Some(InputAssembly::new(&spec)),
+                spec: Some(spec),
+                done_seq: None,
+            },
+        );
+        if st.connected {
+            st.conn
+                .push_back(text(&Message::Accept(Accept { task_id: id })));
+        }
+        drop(st);
+        self.outgoing.notify_one();
+
+        let weak = Arc::downgrade(self);
+        let timeout = self.settings.inputs_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            if let Some(inner) = weak.upgrade() {
+                inner.inputs_timed_out(id, timeout);
+            }
+        });
+    }
+
+    fn inputs_timed_out(&self, id: Uuid, after: Duration) {
+        let mut st = self.lock();
+        if st.tasks.get(&id).is_some_and(|e| e.phase.awaits_inputs()) {
+            st.finish(
+                id,
+                Outcome::Failed,
+                Some(format!(
+                    "the task's inputs did not arrive within {}",
+                    humantime::format_duration(after)
+                )),
+                Summary::default(),
+            );
+            drop(st);
+            self.outgoing.notify_one();
+            self.changed.notify_waiters();
+        }
+    }
+
+    fn chunk(self: &Arc<Self>, chunk: ChunkFrame) {
+        let id = chunk.task_id;
+        let mut st = self.lock();
+        let Some(e) = st.tasks.get_mut(&id) else {
+            drop(st);
+            self.send_error(
+                ErrorCode::ProtocolViolation,
+                format!("input chunk for task {id}, which this agent does not hold"),
+                Some(id),
+            );
+            return;
+        };
+        if !e.phase.awaits_inputs() {
+            let phase = e.phase;
+            drop(st);
+            self.send_error(
+                ErrorCode::ProtocolViolation,
+                format!("input chunk for task {id}, which is not receiving inputs ({phase:?})"),
+                Some(id),
+            );
+            return;
+        }
+        let progress = match e.inputs.as_mut() {
+            Some(asm) => asm.push(&chunk),
+            None => return,
+        };
+        match progress {
+            Ok(Progress::NeedMore) => {
+                if e.phase == Phase::Received {
+                    let _ = e.phase.advance(Phase::ReceivingInputs);
+                }
+            }
+            Ok(Progress::Complete { archive, plan }) => {
+                let Some(spec) = e.spec.take() else {
+                    return;
+                };
+                if let Err(err) = e.phase.advance(Phase::Running) {
+                    warn!(task_id = %id, error = %err, "cannot start task");
+                    return;
+                }
+                e.inputs = None;
+                let cancel = e.cancel.clone();
+                drop(st);
+                info!(task_id = %id, "inputs verified; task running");
+                let inputs = TaskInputs {
+                    spec,
+                    archive,
+                    plan,
+                };
+                tokio::spawn(drive(self.clone(), id, inputs, cancel));
+            }
+            Err(err) => {
+                warn!(task_id = %id, error = %err, "task inputs refused");
+                st.finish(
+                    id,
+                    Outcome::Failed,
+                    Some(err.to_string()),
+                    Summary::default(),
+                );
+                drop(st);
+                self.outgoing.notify_one();
+                self.changed.notify_waiters();
+            }
+        }
+    }
+
+    fn ack(&self, ack: Ack) {
+        let mut st = self.lock();
+        let Some(e) = st.tasks.get_mut(&ack.task_id) else {
+            debug!(task_id = %ack.task_id, seq = ack.seq, "ack for a task no longer held");
+            return;
+        };
+        match e.outbox.ack(ack.seq) {
+            Ok(0) => {}
+            Ok(_) => {
+                st.forget_acked_tasks();
+                drop(st);
+                self.space.notify_waiters();
+                self.changed.notify_waiters();
+            }
+            Err(err) => {
+                drop(st);
+                warn!(task_id = %ack.task_id, error = %err, "bad ack");
+                self.send_error(
+                    ErrorCode::ProtocolViolation,
+                    err.to_string(),
+                    Some(ack.task_id),
+                );
+            }
+        }
+    }
+
+    fn cancel(&self, c: Cancel) {
+        let mut st = self.lock();
+        let Some(e) = st.tasks.get_mut(&c.task_id) else {
+            debug!(task_id = %c.task_id, "cancel for a task not held");
+            return;
+        };
+        info!(task_id = %c.task_id, reason = %c.reason, "task cancel requested");
+        match e.phase {
+            Phase::Running => e.cancel.cancel(),
+            Phase::Received | Phase::ReceivingInputs => {
+                st.finish(
+                    c.task_id,
+                    Outcome::Cancelled,
+                    Some(format!("cancelled before it started: {}", c.reason)),
+                    Summary::default(),
+                );
+                drop(st);
+                self.outgoing.notify_one();
+                self.changed.notify_waiters();
+            }
+            Phase::Finishing | Phase::Done => {}
+        }
+    }
+
+    fn state_response(&self, r: StateResponse) {
+        let Some(p) = self.lock().states.remove(&r.request_id) else {
+            debug!(
+                request_id = r.request_id,
+                "state response for no pending request"
+            );
+            return;
+        };
+        let reply = match r
+            .body_b64
+            .as_deref()
+            .map(|b| base64::engine::general_purpose::STANDARD.decode(b))
+        {
+            None => StateReply {
+                status: r.status,
+                body: Vec::new(),
+            },
+            Some(Ok(body)) => StateReply {
+                status: r.status,
+                body,
+            },
+            Some(Err(_)) => StateReply {
+                status: 502,
+                body: b"delegate agent: the control plane's state response body is not base64"
+                    .to_vec(),
+            },
+        };
+        debug!(task_id = %p.task_id, request_id = r.request_id, status = r.status, "state response relayed");
+        let _ = p.reply.send(reply);
+    }
+
+    /// Wait until the task's outbox has room (or the task is gone).
+    async fn wait_space(&self, id: Uuid) {
+        loop {
+            let notified = self.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let full = self
+                .lock()
+                .tasks
+                .get(&id)
+                .is_some_and(|e| e.outbox.unacked_bytes() >= self.settings.outbox_limit);
+            if !full {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Append a sequenced message to the task's outbox.
+    async fn push(&self, id: Uuid, build: impl FnOnce(u64) -> WireFrame) {
+        self.wait_space(id).await;
+        let mut st = self.lock();
+        if let Some(e) = st.tasks.get_mut(&id) {
+            e.outbox.push(build);
+        }
+        drop(st);
+        self.outgoing.notify_one();
+    }
+
+    async fn output(self: &Arc<Self>, id: Uuid, out: TaskOutput) {
+        match out {
+            TaskOutput::Log { stream, data } => {
+                for piece in data.chunks(OUT_CHUNK) {
+                    self.push(id, |seq| {
+                        WireFrame::Binary(Bytes::from(delegate_protocol::binary::encode_log(
+                            &id, seq, stream, piece,
+                        )))
+                    })
+                    .await;
+                }
+            }
+            TaskOutput::Event(event) => {
+                self.push(id, |seq| {
+                    text(&Message::Event(Event {
+                        task_id: id,
+                        seq,
+                        at_ms: now_ms(),
+                        event,
+                    }))
+                })
+                .await;
+            }
+            TaskOutput::Artifact { kind, data } => self.artifact(id, kind, data).await,
+            TaskOutput::State {
+                method,
+                lock_id,
+                body,
+                reply,
+            } => self.relay_state(id, method, lock_id, body, reply),
+        }
+    }
+
+    async fn artifact(&self, id: Uuid, kind: ChunkKind, data: Vec<u8>) {
+        let sha256 = inputs::sha256_hex(&data);
+        let size = data.len() as u64;
+        let pieces: Vec<&[u8]> = if data.is_empty() {
+            vec![&[]]
+        } else {
+            data.chunks(OUT_CHUNK).collect()
+        };
+        let n = pieces.len();
+        for (i, piece) in pieces.into_iter().enumerate() {
+            self.push(id, |seq| {
+                WireFrame::Binary(Bytes::from(encode_binary(&BinaryFrame::Chunk(
+                    ChunkFrame {
+                        task_id: id,
+                        seq,
+                        kind,
+                        last: i + 1 == n,
+                        data: piece.to_vec(),
+                    },
+                ))))
+            })
+            .await;
+        }
+        self.push(id, |seq| {
+            text(&Message::Artifact(delegate_protocol::Artifact {
+                task_id: id,
+                seq,
+                kind,
+                size,
+                sha256,
+            }))
+        })
+        .await;
+    }
+
+    fn relay_state(
+        self: &Arc<Self>,
+        task_id: Uuid,
+        method: StateMethod,
+        lock_id: Option<String>,
+        body: Option<Vec<u8>>,
+        reply: oneshot::Sender<StateReply>,
+    ) {
+        if body
+            .as_ref()
+            .is_some_and(|b| b.len() > delegate_protocol::limits::MAX_STATE_BYTES)
+        {
+            let _ = reply.send(StateReply {
+                status: 413,
+                body: format!(
+                    "delegate agent: state bodies are limited to {} bytes",
+                    delegate_protocol::limits::MAX_STATE_BYTES
+                )
+                .into_bytes(),
+            });
+            return;
+        }
+        let body_b64 = body.map(|b| base64::engine::general_purpose::STANDARD.encode(b));
+        let mut st = self.lock();
+        let request_id = st.next_request_id;
+        st.next_request_id += 1;
+        let frame = text(&Message::StateRequest(StateRequest {
+            task_id,
+            request_id,
+            method,
+            lock_id,
+            body_b64,
+        }));
+        st.states.insert(
+            request_id,
+            PendingState {
+                task_id,
+                frame,
+                sent: false,
+                reply,
+            },
+        );
+        drop(st);
+        self.outgoing.notify_one();
+        let weak: Weak<Inner> = Arc::downgrade(self);
+        let timeout = self.settings.state_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            if let Some(inner) = weak.upgrade() {
+                if let Some(p) = inner.lock().states.remove(&request_id) {
+                    warn!(task_id = %p.task_id, request_id, "state request unanswered; replying 503");
+                    let _ = p
+                        .reply
+                        .send(unavailable("no answer from the control plane in time"));
+                }
+            }
+        });
+    }
+
+    fn finish(&self, id: Uuid, result: TaskResult) {
+        self.lock()
+            .finish(id, result.outcome, result.reason, result.summary);
+        self.outgoing.notify_one();
+        self.changed.notify_waiters();
+    }
+}
+
+/// Run one task on the executor and turn its output into sequenced messages; `done` last.
+async fn drive(inner: Arc<Inner>, id: Uuid, inputs: TaskInputs, cancel: CancellationToken) {
+    let (tx, mut rx) = mpsc::channel(inner.settings.output_buffer.max(1));
+    // Its own task, so a panic in the executor becomes a failed task, not a stuck one.
+    let mut run = tokio::spawn(inner.executor.run(inputs, tx, cancel));
+    let joined = loop {
+        tokio::select! {
+            out = rx.recv() => match out {
+                Some(out) => inner.output(id, out).await,
+                None => break (&mut run).await,
+            },
+            joined = &mut run => break joined,
+        }
+    };
+    while let Ok(out) = rx.try_recv() {
+        inner.output(id, out).await;
+    }
+    let result = joined.unwrap_or_else(|e| {
+        warn!(task_id = %id, error = %e, "task executor stopped unexpectedly");
+        TaskResult {
+            outcome: Outcome::Failed,
+            reason: Some("internal error: the agent's task runner stopped unexpectedly".into()),
+            summary: Summary::default(),
+        }
+    });
+    inner.finish(id, result);
+}
+
+#[cfg(test)]
+mod tests;
