@@ -621,7 +621,7 @@ pub(crate) mod tests {
             tar.extend_from_slice(h.as_bytes());
             tar.extend_from_slice(data);
             let pad = (512 - data.len() % 512) % 512;
-            tar.extend(std::iter::repeat(0u8).take(pad));
+            tar.resize(tar.len() + pad, 0);
         }
         tar.extend([0u8; 1024]);
         gz(&tar)
