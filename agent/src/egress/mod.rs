@@ -2,4 +2,6 @@
 //! asks for, and the proxy that enforces it.
 
 pub mod matcher;
+pub mod request;
 pub mod rules;
+pub mod sni;
