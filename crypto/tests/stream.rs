@@ -138,12 +138,26 @@ fn every_truncation_is_detected_and_boundaries_say_truncated() {
         let f = failure(open(&ring, &sealed[..len]));
         if len < h {
             assert_eq!(f, IntegrityFailure::TruncatedHeader, "cut at {len}");
-        } else if (len - h) % (chunk + TAG_LEN) == 0 {
-            let chunks = ((len - h) / (chunk + TAG_LEN)) as u64;
-            assert_eq!(f, IntegrityFailure::Truncated { chunks }, "cut at {len}");
+            continue;
+        }
+        let whole_chunks = ((len - h) / (chunk + TAG_LEN)) as u64;
+        let into_chunk = (len - h) % (chunk + TAG_LEN);
+        if into_chunk == 0 {
+            assert_eq!(
+                f,
+                IntegrityFailure::Truncated {
+                    chunks: whole_chunks
+                },
+                "cut at {len}"
+            );
         } else {
-            let index = ((len - h) / (chunk + TAG_LEN)) as u64;
-            assert_eq!(f, IntegrityFailure::Chunk { index }, "cut at {len}");
+            assert_eq!(
+                f,
+                IntegrityFailure::Chunk {
+                    index: whole_chunks
+                },
+                "cut at {len}"
+            );
         }
     }
     // A full final chunk removed exactly at a boundary (plaintext a multiple of the chunk size).
