@@ -2,6 +2,7 @@
 //! asks for, and the proxy that enforces it.
 
 pub mod matcher;
+pub mod proxy;
 pub mod request;
 pub mod rules;
 pub mod sni;
