@@ -749,7 +749,7 @@ impl Inner {
                 plan_exit = Some(run.exit_code);
             }
             let after = self
-                .after_step(step, &run, plan_exit, out, stop, summary)
+                .after_step(step, &run, plan_exit, &secrets, out, stop, summary)
                 .await;
             docker::remove_container(d, &run.container).await;
             after?;
@@ -758,11 +758,13 @@ impl Inner {
     }
 
     /// Judge a finished step and collect what it produced.
+    #[allow(clippy::too_many_arguments)]
     async fn after_step(
         &self,
         step: &Step,
         run: &StepRun,
         plan_exit: Option<i64>,
+        secrets: &[Vec<u8>],
         out: &TaskOutputTx,
         stop: &StopSignal,
         summary: &mut Summary,
@@ -803,7 +805,9 @@ impl Inner {
             }
             After::Applied => summary.applied = true,
             After::Outputs => {
-                summary.outputs = Some(steps::parse_outputs(&run.stdout).map_err(failed)?)
+                let mut outputs = steps::parse_outputs(&run.stdout).map_err(failed)?;
+                steps::redact_json(&mut outputs, secrets);
+                summary.outputs = Some(outputs);
             }
         }
         Ok(())

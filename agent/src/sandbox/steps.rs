@@ -376,6 +376,38 @@ pub fn parse_outputs(json: &[u8]) -> Result<Value, StepError> {
     Ok(v)
 }
 
+/// Mask every secret value inside the strings of a JSON document (keys included).
+pub fn redact_json(v: &mut Value, secrets: &[Vec<u8>]) {
+    let secrets: Vec<String> = secrets
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| String::from_utf8(s.clone()).ok())
+        .collect();
+    if secrets.is_empty() {
+        return;
+    }
+    fn mask(s: &str, secrets: &[String]) -> String {
+        secrets
+            .iter()
+            .fold(s.to_string(), |acc, sec| acc.replace(sec.as_str(), "***"))
+    }
+    fn walk(v: &mut Value, secrets: &[String]) {
+        match v {
+            Value::String(s) => *s = mask(s, secrets),
+            Value::Array(items) => items.iter_mut().for_each(|i| walk(i, secrets)),
+            Value::Object(map) => {
+                let old = std::mem::take(map);
+                for (k, mut val) in old {
+                    walk(&mut val, secrets);
+                    map.insert(mask(&k, secrets), val);
+                }
+            }
+            _ => {}
+        }
+    }
+    walk(v, &secrets);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -647,5 +679,19 @@ mod tests {
         assert_eq!(v["token"]["sensitive"], true);
         assert!(v["token"].get("value").is_none());
         assert!(!v.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn json_redaction_masks_secret_values_everywhere() {
+        let mut v: Value = serde_json::from_str(
+            r#"{"echo": {"sensitive": false, "value": "token=s3cr3t!"},
+                "list": {"value": ["a", "s3cr3t", {"s3cr3t": "x"}]}}"#,
+        )
+        .unwrap();
+        redact_json(&mut v, &[b"s3cr3t".to_vec(), Vec::new()]);
+        let text = v.to_string();
+        assert!(!text.contains("s3cr3t"), "{text}");
+        assert_eq!(v["echo"]["value"], "token=***!");
+        assert_eq!(v["list"]["value"][1], "***");
     }
 }
