@@ -779,6 +779,8 @@ async fn cancel_stops_the_running_step() {
         matches!(c.events.last(), Some(EventKind::StepFinished { step, .. }) if *step == last_started)
     );
     assert!(c.artifacts.is_empty());
+    assert!(c.logs.iter().any(|(s, l)| *s == LogStream::System
+        && String::from_utf8_lossy(l).contains("cancel requested: interrupting step")));
     run_id.assert_clean().await;
 }
 

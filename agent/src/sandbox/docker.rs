@@ -622,6 +622,16 @@ pub async fn run_step(
             reason = stop.fired(), if stopped.is_none() => {
                 tracing::info!(container = %id, ?reason, "stopping step with SIGINT");
                 stopped = Some(reason);
+                let why = match reason {
+                    StopReason::Cancelled => "cancel requested",
+                    StopReason::TimedOut => "task timeout reached",
+                };
+                let line = format!(
+                    "delegate: {why}: interrupting step `{}` (SIGINT, then SIGKILL after {})\n",
+                    step.name,
+                    humantime::format_duration(grace)
+                );
+                send_lines(out, LogStream::System, vec![Bytes::from(line)]).await.map_err(fail)?;
                 kill(docker, &id, "SIGINT").await;
                 kill_at = Some(Instant::now() + grace);
             }
