@@ -177,7 +177,9 @@ pub struct Cidr {
 }
 
 impl Cidr {
-    /// A network; refuses a prefix longer than the address and host bits that are set.
+    /// A network; refuses a prefix longer than the address and host bits that are set. An
+    /// IPv4-mapped IPv6 network (`::ffff:a.b.c.d/96+n`) is the IPv4 network it maps, as the
+    /// matcher reads such addresses as IPv4.
     pub fn new(addr: IpAddr, prefix: u8) -> Result<Cidr, String> {
         let max = max_prefix(&addr);
         if prefix > max {
@@ -189,14 +191,24 @@ impl Cidr {
                 "host bits are set (the network is {masked}/{prefix})"
             ));
         }
-        Ok(Cidr { addr, prefix })
+        Ok(Cidr::mapped_to_v4(addr, prefix))
     }
 
     /// The network holding exactly `addr`.
     pub fn host(addr: IpAddr) -> Cidr {
-        Cidr {
-            addr,
-            prefix: max_prefix(&addr),
+        Cidr::mapped_to_v4(addr, max_prefix(&addr))
+    }
+
+    fn mapped_to_v4(addr: IpAddr, prefix: u8) -> Cidr {
+        match addr {
+            IpAddr::V6(v6) if prefix >= 96 => match v6.to_ipv4_mapped() {
+                Some(v4) => Cidr {
+                    addr: IpAddr::V4(v4),
+                    prefix: prefix - 96,
+                },
+                None => Cidr { addr, prefix },
+            },
+            _ => Cidr { addr, prefix },
         }
     }
 
@@ -690,7 +702,9 @@ mod tests {
             ("[2001:db8::1]:443", "[2001:db8::1]:443"),
             ("2001:db8::1", "2001:db8::1"),
             ("[2001:DB8::1]", "2001:db8::1"),
-            ("::ffff:10.0.0.0/104", "::ffff:10.0.0.0/104"),
+            ("::ffff:10.0.0.0/104", "10.0.0.0/8"),
+            ("[::ffff:127.0.0.1]:80", "127.0.0.1:80"),
+            ("::ffff:0:0/96", "0.0.0.0/0"),
             ("h:65535", "h:65535"),
             ("h:1", "h:1"),
         ];
@@ -701,7 +715,8 @@ mod tests {
 
     #[test]
     fn refuses_bad_entries_naming_them() {
-        let cases: &[(&str, fn(&RuleError) -> bool)] = &[
+        type Want = fn(&RuleError) -> bool;
+        let cases: &[(&str, Want)] = &[
             ("", |e| matches!(e, RuleError::Empty { .. })),
             ("   ", |e| matches!(e, RuleError::Empty { .. })),
             ("*.com", |e| matches!(e, RuleError::PublicSuffix { .. })),
