@@ -872,6 +872,97 @@ async fn dropping_run_task_still_removes_everything() {
 }
 
 #[tokio::test]
+async fn running_step_is_hardened_as_configured() {
+    // While tofu is blocked inside a step, look at what Docker actually runs.
+    let run_id = Run::new();
+    let sb = run_id.sandbox().await;
+    let cancel = CancellationToken::new();
+    let fake = FakeState {
+        hang: true,
+        ..FakeState::default()
+    };
+    let mut task = inputs(Op::Plan, tar_gz(&[("main.tf", HELLO)]), None);
+    task.spec.vars.insert("greeting".into(), "hi".into());
+    let task_id = task.spec.task_id;
+    let notify = fake.first_request.clone();
+    let runner = tokio::spawn({
+        let (sb, cancel) = (sb.clone(), cancel.clone());
+        async move { run(&sb, task, &fake, cancel).await }
+    });
+    notify.notified().await;
+
+    let docker = bollard::Docker::connect_with_defaults().unwrap();
+    let filters = std::collections::HashMap::from([(
+        "label".to_string(),
+        vec![run_id.label(), format!("io.delegate.task={task_id}")],
+    )]);
+    let running = docker
+        .list_containers(Some(bollard::container::ListContainersOptions {
+            filters: filters.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert_eq!(running.len(), 1, "one step container at a time");
+    let c = docker
+        .inspect_container(running[0].id.as_deref().unwrap(), None)
+        .await
+        .unwrap();
+    let config = c.config.unwrap();
+    let host = c.host_config.unwrap();
+    assert_eq!(config.user.as_deref(), Some("65534:65534"));
+    assert_eq!(config.working_dir.as_deref(), Some("/workspace"));
+    let labels = config.labels.unwrap();
+    assert_eq!(
+        labels.get("io.delegate.step").map(String::as_str),
+        Some("init")
+    );
+    assert_eq!(
+        labels.get("io.delegate.agent").map(String::as_str),
+        Some(format!("itest-agent-{}", run_id.id).as_str())
+    );
+    let env = config.env.unwrap();
+    for want in ["TF_IN_AUTOMATION=1", "TF_INPUT=0", "HOME=/tmp"] {
+        assert!(env.iter().any(|e| e == want), "{want} in {env:?}");
+    }
+    assert_eq!(host.readonly_rootfs, Some(true));
+    assert_eq!(host.privileged, Some(false));
+    assert_eq!(host.init, Some(true));
+    assert_eq!(host.cap_drop, Some(vec!["ALL".to_string()]));
+    assert!(host
+        .security_opt
+        .unwrap()
+        .iter()
+        .any(|o| o.starts_with("no-new-privileges")));
+    assert_eq!(host.memory, Some(512 << 20));
+    assert_eq!(host.pids_limit, Some(512));
+    assert_eq!(host.log_config.and_then(|l| l.typ).as_deref(), Some("none"));
+    assert!(host.binds.unwrap_or_default().is_empty(), "no host paths");
+    let mounts = c.mounts.unwrap();
+    assert_eq!(mounts.len(), 1, "{mounts:?}");
+    assert_eq!(mounts[0].destination.as_deref(), Some("/workspace"));
+    assert_eq!(
+        mounts[0].name.as_deref(),
+        Some(sdocker::volume_name(task_id).as_str())
+    );
+    let network = host.network_mode.unwrap();
+    assert_eq!(network, sdocker::network_name(task_id));
+    let net = docker
+        .inspect_network(
+            &network,
+            None::<bollard::network::InspectNetworkOptions<String>>,
+        )
+        .await
+        .unwrap();
+    assert_eq!(net.internal, Some(true), "no route out");
+
+    cancel.cancel();
+    let (result, _c) = runner.await.unwrap();
+    assert_eq!(result.outcome, Outcome::Cancelled);
+    run_id.assert_clean().await;
+}
+
+#[tokio::test]
 async fn timeout_stops_the_task() {
     let (run_id, result, c, _fake) = blocked_task(false, 1).await;
     assert_eq!(
