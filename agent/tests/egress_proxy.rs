@@ -608,3 +608,214 @@ async fn connections_beyond_the_limit_get_503() {
         .await
         .unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Host firewall rules, for real: a network namespace on a test bridge stands in for a sandbox on a
+// task network. Needs root (CAP_NET_ADMIN) and `ip`, `nft`, `iptables`; skipped, saying so,
+// without them.
+
+mod firewall_lab {
+    use delegate_agent::egress::firewall::{self, Backend, Isolation};
+    use delegate_agent::egress::local;
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::process::Command;
+    use std::time::Duration;
+    use tokio::net::TcpListener;
+
+    fn ip(args: &[&str]) -> bool {
+        Command::new("ip")
+            .args(args)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+
+    /// A bridge with a host address and a namespace attached to it; removed on drop.
+    struct Lab {
+        bridge: String,
+        ns: String,
+        veth: String,
+        gateway: Ipv4Addr,
+    }
+
+    impl Lab {
+        fn create() -> Option<Lab> {
+            let tag = format!("{:06x}", (std::process::id() ^ rand_u32()) & 0xff_ffff);
+            let octet = (rand_u32() % 250) as u8 + 2;
+            let lab = Lab {
+                bridge: format!("dlgb{tag}"),
+                ns: format!("dlgns{tag}"),
+                veth: format!("dlgv{tag}"),
+                gateway: Ipv4Addr::new(10, 237, octet, 1),
+            };
+            let peer = format!("dlgp{tag}");
+            let gw = format!("{}/24", lab.gateway);
+            let inner = format!("10.237.{octet}.2/24");
+            if !ip(&["netns", "add", &lab.ns]) {
+                return None;
+            }
+            let ok = ip(&["link", "add", &lab.bridge, "type", "bridge"])
+                && ip(&["addr", "add", &gw, "dev", &lab.bridge])
+                && ip(&["link", "set", &lab.bridge, "up"])
+                && ip(&[
+                    "link", "add", &lab.veth, "type", "veth", "peer", "name", &peer,
+                ])
+                && ip(&["link", "set", &lab.veth, "master", &lab.bridge, "up"])
+                && ip(&["link", "set", &peer, "netns", &lab.ns])
+                && ip(&["-n", &lab.ns, "addr", "add", &inner, "dev", &peer])
+                && ip(&["-n", &lab.ns, "link", "set", &peer, "up"])
+                && ip(&["-n", &lab.ns, "link", "set", "lo", "up"])
+                && ip(&[
+                    "-n",
+                    &lab.ns,
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &lab.gateway.to_string(),
+                ]);
+            if !ok {
+                drop(lab);
+                return None;
+            }
+            Some(lab)
+        }
+
+        fn isolation(&self, proxy_port: u16) -> Isolation {
+            Isolation {
+                bridge: self.bridge.clone(),
+                gateway: IpAddr::V4(self.gateway),
+                proxy_port,
+                backend_port: None,
+            }
+        }
+
+        /// Whether a TCP connection from inside the namespace to `addr:port` is accepted.
+        async fn reaches(&self, addr: IpAddr, port: u16) -> bool {
+            let script = format!("exec 3<>/dev/tcp/{addr}/{port}");
+            let out = tokio::process::Command::new("timeout")
+                .args(["20", "ip", "netns", "exec", &self.ns, "bash", "-c", &script])
+                .output()
+                .await
+                .unwrap();
+            assert_ne!(
+                out.status.code(),
+                Some(124),
+                "the probe hung: a rule drops instead of rejecting"
+            );
+            out.status.success()
+        }
+    }
+
+    impl Drop for Lab {
+        fn drop(&mut self) {
+            let _ = Command::new("nft")
+                .args([
+                    "delete",
+                    "table",
+                    "inet",
+                    &format!("delegate_{}", self.bridge),
+                ])
+                .output();
+            ip(&["netns", "del", &self.ns]);
+            ip(&["link", "del", &self.veth]);
+            ip(&["link", "del", &self.bridge]);
+        }
+    }
+
+    fn rand_u32() -> u32 {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        );
+        h.finish() as u32
+    }
+
+    async fn listen_anywhere() -> u16 {
+        let l = TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    drop(s);
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_reaches_only_the_proxy_port_on_the_host() {
+        let Some(lab) = Lab::create() else {
+            eprintln!(
+                "SKIPPED: cannot create a network namespace and bridge here (needs root and `ip`)"
+            );
+            return;
+        };
+        // A host service on 0.0.0.0, and the proxy's port (also on 0.0.0.0, the worst case).
+        let service = listen_anywhere().await;
+        let proxy = listen_anywhere().await;
+        let gw = IpAddr::V4(lab.gateway);
+        // Another address of this host, reachable through the gateway by routing.
+        let other = local::host_addresses()
+            .unwrap()
+            .into_iter()
+            .map(|c| c.addr())
+            .find(|a| matches!(a, IpAddr::V4(v4) if !v4.is_loopback() && *v4 != lab.gateway));
+
+        assert!(
+            lab.reaches(gw, service).await,
+            "control: without rules the host service is reachable"
+        );
+        if let Some(o) = other {
+            assert!(
+                lab.reaches(o, service).await,
+                "control: {o} reachable without rules"
+            );
+        }
+        let mut backends = Vec::new();
+        if firewall::detect().await == Some(Backend::Nft) {
+            backends.push(Backend::Nft);
+        }
+        if Command::new("iptables")
+            .arg("--version")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+        {
+            backends.push(Backend::Iptables);
+        }
+        assert!(!backends.is_empty(), "neither nft nor iptables here");
+        for backend in backends {
+            let iso = lab.isolation(proxy);
+            firewall::apply(backend, &iso).await.unwrap();
+            firewall::apply(backend, &iso).await.unwrap(); // re-applying replaces, never stacks
+            assert!(
+                lab.reaches(gw, proxy).await,
+                "{backend:?}: the proxy port stays reachable"
+            );
+            assert!(
+                !lab.reaches(gw, service).await,
+                "{backend:?}: a host service on 0.0.0.0 is refused"
+            );
+            if let Some(o) = other {
+                assert!(!lab.reaches(o, service).await, "{backend:?}: {o} refused");
+                assert!(
+                    !lab.reaches(o, proxy).await,
+                    "{backend:?}: the proxy port only on the gateway IP"
+                );
+            }
+            firewall::remove(backend, &iso).await.unwrap();
+            firewall::remove(backend, &iso).await.unwrap(); // idempotent
+            assert!(
+                lab.reaches(gw, service).await,
+                "{backend:?}: removed rules leave nothing behind"
+            );
+        }
+    }
+}
