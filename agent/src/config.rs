@@ -19,6 +19,7 @@
 //! This module never opens a connection and never logs; it never echoes a secret (URL user info is
 //! redacted from messages). It reads the certificate files only in [`Config::check_files`].
 
+use crate::sandbox::{PullPolicy, SandboxSettings};
 use crate::tls;
 use config::{ConfigError as RawError, Environment, File, FileFormat, Map, Value, ValueKind};
 use serde::de::{self, DeserializeOwned, Deserializer, SeqAccess, Visitor};
@@ -323,13 +324,6 @@ pub struct AgentConfig {
     pub slots: u32,
     pub labels: BTreeMap<String, String>,
     pub drain_timeout: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PullPolicy {
-    Never,
-    IfMissing,
-    Always,
 }
 
 /// The `[sandbox]` section. Keys left out stay `None` and take the sandbox's own defaults when
@@ -791,7 +785,11 @@ impl SandboxFile {
             false,
         );
         let max_timeout = duration_key("sandbox.timeout_max", &self.timeout_max, issues, false);
-        if let (Some(d), Some(m)) = (default_timeout, max_timeout) {
+        let defaults = SandboxSettings::default();
+        if let (Some(d), Some(m)) = (
+            default_timeout.or((max_timeout.is_some()).then_some(defaults.default_timeout)),
+            max_timeout.or((default_timeout.is_some()).then_some(defaults.max_timeout)),
+        ) {
             if d > m {
                 issues.push(Issue::new(
                     "sandbox.timeout_default",
@@ -983,6 +981,29 @@ pub fn parse_size(s: &str) -> Result<i64, String> {
 }
 
 impl Config {
+    /// The sandbox's settings: the `[sandbox]` keys given, the sandbox's defaults for the others,
+    /// and the agent's pool.
+    pub fn sandbox_settings(&self) -> SandboxSettings {
+        let s = &self.sandbox;
+        let d = SandboxSettings::default();
+        SandboxSettings {
+            image: s.image.clone().unwrap_or(d.image),
+            pull_policy: s.pull_policy.unwrap_or(d.pull_policy),
+            memory_bytes: s.memory_bytes.unwrap_or(d.memory_bytes),
+            nano_cpus: s.nano_cpus.unwrap_or(d.nano_cpus),
+            pids_limit: s.pids_limit.unwrap_or(d.pids_limit),
+            default_timeout: s.default_timeout.unwrap_or(d.default_timeout),
+            max_timeout: s.max_timeout.unwrap_or(d.max_timeout),
+            cancel_grace: s.cancel_grace.unwrap_or(d.cancel_grace),
+            max_archive_bytes: s.max_archive_bytes.unwrap_or(d.max_archive_bytes),
+            max_unpacked_bytes: s.max_unpacked_bytes.unwrap_or(d.max_unpacked_bytes),
+            max_files: s.max_files.unwrap_or(d.max_files),
+            extra_labels: s.extra_labels.clone(),
+            plugin_cache: s.plugin_cache.unwrap_or(d.plugin_cache),
+            pool: self.agent.pool.clone(),
+        }
+    }
+
     /// Read the CA bundle, the client certificate and key, and check that they parse and match,
     /// that the certificate is within its validity period, and that the TLS configuration can be
     /// built. Every problem names its key.
@@ -1357,6 +1378,37 @@ format = "xml"
         let text = text.replace(
             "pull_policy = \"if-missing\"",
             "pull_policy = \"if-missing\"\ntimeout_default = \"5h\"\ntimeout_max = \"1h\"",
+        );
+        let issues = issues_of(&text, &[]);
+        assert!(
+            has(&issues, "sandbox.timeout_default", "must not exceed"),
+            "{issues:?}"
+        );
+    }
+
+    #[test]
+    fn sandbox_settings_take_given_keys_and_defaults() {
+        let text = GOOD.replace(
+            "pull_policy = \"if-missing\"",
+            "pull_policy = \"never\"\nmemory = \"1g\"\nlabels = { run = \"r1\" }",
+        );
+        let c = load_text(&text, &[]).unwrap();
+        let s = c.sandbox_settings();
+        let d = SandboxSettings::default();
+        assert_eq!(s.image, "delegate-sandbox:local");
+        assert_eq!(s.pull_policy, PullPolicy::Never);
+        assert_eq!(s.memory_bytes, 1 << 30);
+        assert_eq!(s.pids_limit, d.pids_limit);
+        assert_eq!(s.default_timeout, d.default_timeout);
+        assert_eq!(s.extra_labels.get("run").map(String::as_str), Some("r1"));
+        assert_eq!(s.pool, "default");
+    }
+
+    #[test]
+    fn timeout_default_over_the_default_max_is_refused() {
+        let text = GOOD.replace(
+            "pull_policy = \"if-missing\"",
+            "pull_policy = \"if-missing\"\ntimeout_default = \"100h\"",
         );
         let issues = issues_of(&text, &[]);
         assert!(

@@ -13,6 +13,7 @@
 
 pub mod task_io;
 pub mod config;
+pub mod daemon;
 pub mod link;
 pub mod sandbox;
 pub mod tasks;

@@ -311,6 +311,18 @@ impl TaskManager {
         self.inner.lock().draining = true;
     }
 
+    /// Cancel every running task (shutdown after the drain timeout). Tasks still waiting for
+    /// inputs end as cancelled at once.
+    pub fn cancel_all(&self, reason: &str) {
+        let ids: Vec<Uuid> = self.inner.lock().tasks.keys().copied().collect();
+        for task_id in ids {
+            self.inner.cancel(Cancel {
+                task_id,
+                reason: reason.to_string(),
+            });
+        }
+    }
+
     /// Resolves once no task is held any more (all `done`s acknowledged).
     pub async fn wait_idle(&self) {
         loop {

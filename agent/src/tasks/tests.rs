@@ -439,6 +439,19 @@ async fn cancel_running_fires_the_token() {
 }
 
 #[tokio::test]
+async fn cancel_all_reaches_every_task() {
+    let mut h = harness(TaskSettings::new(2));
+    let run = start(&mut h, 30, b"a").await;
+    h.m.handle_message(Message::Assign(Assign {
+        task: spec(31, b"b", None),
+    }));
+    sent(&h.m);
+    h.m.cancel_all("agent shutting down");
+    assert!(run.cancel.is_cancelled());
+    assert_eq!(h.m.phase(Uuid::from_u128(31)), Some(Phase::Finishing));
+}
+
+#[tokio::test]
 async fn cancel_before_inputs_ends_the_task_without_running_it() {
     let mut h = harness(TaskSettings::new(1));
     h.m.handle_message(Message::Assign(Assign {
