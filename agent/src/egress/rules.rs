@@ -981,4 +981,17 @@ mod tests {
         assert!(!rule("10.0.0.0/8").covers(&rule("example.com")));
         assert!(!rule("example.com:443").covers(&rule("example.com:*")));
     }
+
+    proptest::proptest! {
+        /// Whatever parses has a canonical text that parses back to the same rule, which covers
+        /// itself; nothing panics.
+        #[test]
+        fn canonical_text_round_trips(entry in "[a-fA-F0-9*.:/\\[\\] ]{0,40}|[a-z]{1,8}(\\.[a-z]{1,8}){0,3}(:[0-9*]{1,5})?") {
+            if let Ok(r) = Rule::parse(&entry) {
+                let again = Rule::parse(&r.to_string()).unwrap();
+                proptest::prop_assert_eq!(&again, &r);
+                proptest::prop_assert!(r.covers(&r));
+            }
+        }
+    }
 }
