@@ -367,6 +367,7 @@ impl Session {
                 tx: self.tx.clone(),
                 close: Some(close_tx),
                 held: BTreeSet::new(),
+                ready: false,
             },
         );
         if let Some(mut old) = replaced {
@@ -485,9 +486,20 @@ impl Session {
                 for m in reply.send {
                     self.send(&m);
                 }
+                for b in reply.binary {
+                    let _ = self.tx.send(Outbound::Binary(b));
+                }
             }
-            Err(fault) => self.violation(fault.message, fault.task_id),
+            Err(fault) => self.fault(fault),
         }
+    }
+
+    fn fault(&self, fault: Fault) {
+        if fault.code == ErrorCode::ProtocolViolation {
+            return self.violation(fault.message, fault.task_id);
+        }
+        tracing::warn!(agent = %self.agent, task = ?fault.task_id, code = fault.code.as_str(), "{}", fault.message);
+        self.send_error(fault.code, fault.message, fault.task_id);
     }
 
     fn violation(&self, message: String, task_id: Option<Uuid>) {

@@ -102,6 +102,10 @@ pub struct StatusView {
     pub decode_errors: u64,
     pub protocol_violations: u64,
     pub refused_handshakes: u64,
+    /// Number of tasks per state.
+    pub tasks: BTreeMap<String, u64>,
+    /// Largest workspace archive accepted at submit.
+    pub max_archive_bytes: u64,
 }
 
 pub fn router(cp: Arc<ControlPlane>, token: String) -> Router {
@@ -110,6 +114,7 @@ pub fn router(cp: Arc<ControlPlane>, token: String) -> Router {
         .route("/api/v1/status", get(status))
         .route("/api/v1/agents", get(agents))
         .route("/api/v1/audit", get(audit))
+        .merge(crate::api_tasks::routes(cp.config.max_archive_bytes))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(axum::middleware::from_fn(
             move |req: Request, next: Next| {
@@ -143,6 +148,8 @@ async fn status(State(cp): State<Arc<ControlPlane>>) -> ApiResult<Json<StatusVie
         decode_errors: cp.counters.decode_errors.load(Ordering::Relaxed),
         protocol_violations: cp.counters.protocol_violations.load(Ordering::Relaxed),
         refused_handshakes: cp.counters.refused_handshakes.load(Ordering::Relaxed),
+        tasks: cp.store.task_counts()?,
+        max_archive_bytes: cp.config.max_archive_bytes,
     }))
 }
 

@@ -9,9 +9,10 @@ use crate::config::{CpConfig, DataDir};
 use crate::hub::Hub;
 use crate::store::{Store, StoreError};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::sync::{Mutex, MutexGuard};
 use thiserror::Error;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 /// Errors opening the control plane's state.
 #[derive(Debug, Error)]
@@ -49,6 +50,8 @@ pub struct ControlPlane {
     next_conn: AtomicU64,
     /// Bumped whenever task data changes (logs, state); log followers wait on it.
     changes: watch::Sender<u64>,
+    /// Wakes the dispatcher (a task was queued, a slot freed, an agent connected).
+    dispatch: Notify,
     pub started_ms: i64,
 }
 
@@ -70,6 +73,7 @@ impl ControlPlane {
             hub: Mutex::new(Hub::default()),
             next_conn: AtomicU64::new(1),
             changes: watch::channel(0).0,
+            dispatch: Notify::new(),
             started_ms: crate::now_ms(),
         }
     }
@@ -98,5 +102,28 @@ impl ControlPlane {
 
     pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    /// Ask the dispatcher to look at the queue now.
+    pub fn request_dispatch(&self) {
+        self.dispatch.notify_one();
+    }
+}
+
+/// The dispatcher: runs [`ControlPlane::dispatch_now`] whenever asked, and again when a
+/// rejection cooldown ends. Push, not polling: it sleeps until there is something to do.
+pub async fn run_dispatcher(cp: Arc<ControlPlane>) {
+    loop {
+        let notified = cp.dispatch.notified();
+        let wake = cp.dispatch_now();
+        match wake {
+            Some(at) => {
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {}
+                }
+            }
+            None => notified.await,
+        }
     }
 }

@@ -4,6 +4,7 @@
 //! Owns: connection registration/replacement and what is only ever in memory. Never performs I/O
 //! and never blocks: callers hold its lock briefly, never across an `.await`.
 
+use crate::dispatch::Rejection;
 use delegate_protocol::{encode_text, Message, Secrets};
 use std::collections::{BTreeSet, HashMap};
 use tokio::sync::{mpsc, oneshot};
@@ -28,6 +29,8 @@ pub struct AgentConn {
     pub close: Option<oneshot::Sender<String>>,
     /// Tasks assigned to this agent and not finished.
     pub held: BTreeSet<Uuid>,
+    /// False until Welcome is queued: dispatch never sends an Assign ahead of it.
+    pub ready: bool,
 }
 
 impl AgentConn {
@@ -41,6 +44,9 @@ pub struct Hub {
     pub agents: HashMap<String, AgentConn>,
     /// Task secrets: memory only, never in the database, logs or API output.
     pub secrets: HashMap<Uuid, Secrets>,
+    /// Recent rejections per queued task, so a task is not offered straight back to the agent
+    /// that refused it.
+    pub rejections: HashMap<Uuid, Vec<Rejection>>,
 }
 
 impl Hub {
@@ -61,6 +67,18 @@ impl Hub {
 
     pub fn is_current(&self, name: &str, conn_id: u64) -> bool {
         self.agents.get(name).map(|c| c.conn_id) == Some(conn_id)
+    }
+
+    /// A task is over: forget what memory held for it (its slot, secrets, rejections).
+    /// `keep_secrets` keeps the secrets (a succeeded plan that may still be approved).
+    pub fn forget_task(&mut self, agent: Option<&str>, id: Uuid, keep_secrets: bool) {
+        if let Some(c) = agent.and_then(|a| self.agents.get_mut(a)) {
+            c.held.remove(&id);
+        }
+        if !keep_secrets {
+            self.secrets.remove(&id);
+        }
+        self.rejections.remove(&id);
     }
 
     /// Queue a control message to `name`'s connection. False if not connected.
@@ -94,6 +112,7 @@ mod tests {
                 tx,
                 close: None,
                 held: BTreeSet::new(),
+                ready: true,
             },
             rx,
         )

@@ -17,17 +17,26 @@
 
 pub mod agent_link;
 pub mod api;
+pub mod api_tasks;
 pub mod at_rest;
 pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod cp;
+pub mod dispatch;
 pub mod hub;
 pub mod init;
+pub mod lock;
+pub mod pack;
 pub mod pki;
+pub mod seq;
 pub mod serve;
+pub mod state;
 pub mod store;
+pub mod store_state;
+pub mod store_tasks;
+pub mod task_ops;
 pub mod tasks;
 pub mod tls;
 pub mod token;

@@ -49,6 +49,84 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Pack a workspace directory and submit a task.
+    Submit {
+        /// The workspace directory.
+        dir: PathBuf,
+        /// plan, apply, destroy, validate or drift.
+        #[arg(long)]
+        op: String,
+        /// Workspace name (default: the directory's name).
+        #[arg(long)]
+        workspace: Option<String>,
+        /// Agent pool (default: the control plane's default_pool).
+        #[arg(long)]
+        pool: Option<String>,
+        /// A variable, k=v (repeatable).
+        #[arg(long = "var", value_name = "K=V")]
+        vars: Vec<String>,
+        /// A .tfvars file to pass with -var-file (repeatable).
+        #[arg(long = "var-file", value_name = "FILE")]
+        var_files: Vec<PathBuf>,
+        /// An environment variable for the sandbox, K=V (repeatable).
+        #[arg(long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        /// A secret environment variable, NAME=VALUE (repeatable; redacted everywhere).
+        #[arg(long = "secret", value_name = "NAME=VALUE")]
+        secrets: Vec<String>,
+        /// Pass this environment variable of yours as a secret (repeatable).
+        #[arg(long = "secret-env", value_name = "NAME")]
+        secret_env: Vec<String>,
+        /// Plan then apply in one task.
+        #[arg(long)]
+        auto_approve: bool,
+        /// Task timeout in seconds (default: the agent's).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+        /// Stream the logs, print the outcome, exit non-zero unless it succeeded.
+        #[arg(long)]
+        follow: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tasks.
+    Tasks {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one task.
+    Show {
+        task: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a task's logs.
+    Logs {
+        task: String,
+        /// Keep printing until the task finishes.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Cancel a task.
+    Cancel {
+        task: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Turn a finished plan into an apply task; prints its id.
+    Approve {
+        task: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a workspace's state versions, or print one.
+    State {
+        workspace: String,
+        #[arg(long)]
+        version: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
     /// List audit records.
     Audit {
         /// Only records about this task.
@@ -107,9 +185,57 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         command => rt.block_on(async {
             let client = ApiClient::from_data_dir(&dd)?;
+            let mut stdout = std::io::stdout();
+            let mut stderr = std::io::stderr();
             match command {
                 Command::Agents { json } => cli::agents(&client, json).await,
                 Command::Audit { task, json } => cli::audit(&client, task.as_deref(), json).await,
+                Command::Submit {
+                    dir,
+                    op,
+                    workspace,
+                    pool,
+                    vars,
+                    var_files,
+                    env,
+                    secrets,
+                    secret_env,
+                    auto_approve,
+                    timeout,
+                    follow,
+                    json,
+                } => {
+                    let args = cli::SubmitArgs {
+                        dir,
+                        op,
+                        workspace,
+                        pool,
+                        vars,
+                        var_files,
+                        env,
+                        secrets,
+                        secret_env,
+                        auto_approve,
+                        timeout,
+                        follow,
+                        json,
+                    };
+                    cli::submit(&client, &args, &mut stdout, &mut stderr)
+                        .await
+                        .map(|()| String::new())
+                }
+                Command::Tasks { json } => cli::tasks(&client, json).await,
+                Command::Show { task, json } => cli::show(&client, &task, json).await,
+                Command::Logs { task, follow } => cli::logs(&client, &task, follow, &mut stdout)
+                    .await
+                    .map(|()| String::new()),
+                Command::Cancel { task, json } => cli::cancel(&client, &task, json).await,
+                Command::Approve { task, json } => cli::approve(&client, &task, json).await,
+                Command::State {
+                    workspace,
+                    version,
+                    json,
+                } => cli::state(&client, &workspace, version, json).await,
                 Command::Init { .. } | Command::Serve => unreachable!("handled above"),
             }
         })?,

@@ -108,6 +108,7 @@ pub async fn start(dd: &DataDir) -> Result<Running, ServeError> {
             TlsAcceptor::from(api_tls),
             app,
         )),
+        tokio::spawn(crate::cp::run_dispatcher(cp.clone())),
     ];
     tracing::info!(agent = %agent_addr, api = %api_addr, data_dir = %dd.root.display(), "control plane serving");
     Ok(Running {

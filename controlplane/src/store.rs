@@ -64,6 +64,92 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX audit_target ON audit(target);
     "#,
+    // 2: tasks, their sequenced output, artifacts.
+    r#"
+    CREATE TABLE tasks (
+        id TEXT PRIMARY KEY,
+        op TEXT NOT NULL,
+        workspace TEXT NOT NULL,
+        pool TEXT NOT NULL,
+        state TEXT NOT NULL,
+        outcome TEXT,
+        reason TEXT,
+        summary TEXT,
+        agent TEXT,
+        inputs TEXT NOT NULL,
+        archive_blob TEXT NOT NULL,
+        archive_size INTEGER NOT NULL,
+        archive_sha256 TEXT NOT NULL,
+        plan_blob TEXT,
+        plan_size INTEGER,
+        plan_sha256 TEXT,
+        parent_task TEXT,
+        approved_as TEXT,
+        acked_seq INTEGER NOT NULL DEFAULT 0,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        fail_reason TEXT,
+        last_reject TEXT,
+        created_at_ms INTEGER NOT NULL,
+        assigned_at_ms INTEGER,
+        started_at_ms INTEGER,
+        finished_at_ms INTEGER
+    );
+    CREATE INDEX tasks_state ON tasks(state, created_at_ms);
+    CREATE INDEX tasks_agent ON tasks(agent, state);
+    CREATE TABLE task_logs (
+        task_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        stream TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (task_id, seq)
+    );
+    CREATE TABLE task_events (
+        task_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        at_ms INTEGER NOT NULL,
+        event TEXT NOT NULL,
+        PRIMARY KEY (task_id, seq)
+    );
+    CREATE TABLE artifact_parts (
+        task_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (task_id, seq)
+    );
+    CREATE TABLE artifacts (
+        task_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        blob TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (task_id, kind)
+    );
+    "#,
+    // 3: state versions and locks per workspace (the default http backend).
+    r#"
+    CREATE TABLE state_versions (
+        workspace TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        serial INTEGER,
+        lineage TEXT,
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        blob TEXT NOT NULL,
+        task_id TEXT,
+        created_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (workspace, version)
+    );
+    CREATE TABLE state_locks (
+        workspace TEXT PRIMARY KEY,
+        lock_id TEXT NOT NULL,
+        info TEXT NOT NULL,
+        task_id TEXT,
+        locked_at_ms INTEGER NOT NULL
+    );
+    "#,
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,8 +188,7 @@ pub struct AgentHello<'a> {
 
 pub struct Store {
     conn: Mutex<Connection>,
-    #[allow(dead_code)]
-    at_rest: AtRest,
+    pub(crate) at_rest: AtRest,
 }
 
 impl Store {
@@ -130,10 +215,15 @@ impl Store {
         })
     }
 
-    fn db(&self) -> MutexGuard<'_, Connection> {
+    pub(crate) fn db(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
         // back), so a poisoned lock is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Seal/open for bytes kept in the database (log data, artifact parts).
+    pub fn at_rest(&self) -> &AtRest {
+        &self.at_rest
     }
 
     pub fn schema_version(&self) -> Result<i64, StoreError> {
