@@ -113,7 +113,9 @@ pub fn router(cp: Arc<ControlPlane>, token: String) -> Router {
     Router::new()
         .route("/api/v1/status", get(status))
         .route("/api/v1/agents", get(agents))
+        .route("/api/v1/agents/{name}", get(agent_detail))
         .route("/api/v1/audit", get(audit))
+        .route("/api/v1/audit/verify", get(audit_verify))
         .merge(crate::api_tasks::routes(cp.config.max_archive_bytes))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(axum::middleware::from_fn(
@@ -167,6 +169,88 @@ async fn agents(State(cp): State<Arc<ControlPlane>>) -> ApiResult<Json<Vec<Agent
             })
             .collect(),
     ))
+}
+
+/// `GET /api/v1/agents/{name}`: the listing's fields plus slots, held tasks and history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentDetail {
+    #[serde(flatten)]
+    pub agent: AgentView,
+    pub slots: u32,
+    pub connected_at: Option<String>,
+    /// Tasks assigned to or running on it.
+    pub tasks: Vec<String>,
+    pub connections: Vec<ConnectionView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionView {
+    pub peer: String,
+    pub connected_at: String,
+    pub disconnected_at: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// `GET /api/v1/audit/verify`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditVerifyView {
+    pub ok: bool,
+    pub records: u64,
+    /// The first record whose hash does not verify.
+    pub first_bad: Option<i64>,
+}
+
+async fn agent_detail(
+    State(cp): State<Arc<ControlPlane>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> ApiResult<Json<AgentDetail>> {
+    let a = cp
+        .store
+        .agents()?
+        .into_iter()
+        .find(|a| a.name == name)
+        .ok_or_else(|| ApiError::not_found(format!("no agent {name}")))?;
+    let tasks = cp
+        .store
+        .held_by(&name)?
+        .into_iter()
+        .map(|t| t.id.to_string())
+        .collect();
+    let connections = cp
+        .store
+        .connections(&name)?
+        .into_iter()
+        .map(|c| ConnectionView {
+            peer: c.peer,
+            connected_at: crate::rfc3339(c.connected_at_ms),
+            disconnected_at: c.disconnected_at_ms.map(crate::rfc3339),
+            reason: c.reason,
+        })
+        .collect();
+    Ok(Json(AgentDetail {
+        slots: a.slots,
+        connected_at: a.connected_at_ms.map(crate::rfc3339),
+        tasks,
+        connections,
+        agent: AgentView {
+            name: a.name,
+            state: a.state,
+            version: a.version,
+            pool: a.pool,
+            labels: a.labels,
+            last_heartbeat: a.last_heartbeat_ms.map(crate::rfc3339),
+        },
+    }))
+}
+
+async fn audit_verify(State(cp): State<Arc<ControlPlane>>) -> ApiResult<Json<AuditVerifyView>> {
+    let records = cp.store.audit_records(None)?;
+    let result = crate::audit::verify_chain(&records);
+    Ok(Json(AuditVerifyView {
+        ok: result.is_ok(),
+        records: records.len() as u64,
+        first_bad: result.err(),
+    }))
 }
 
 #[derive(Debug, Deserialize)]

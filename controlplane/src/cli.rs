@@ -552,6 +552,21 @@ pub async fn audit(client: &ApiClient, task: Option<&str>, json: bool) -> Result
     ))
 }
 
+/// `delegate-cp audit --verify`: check the hash chain; fails if it is broken.
+pub async fn audit_verify(client: &ApiClient, json: bool) -> Result<String, CliError> {
+    let v: crate::api::AuditVerifyView = client.get_json("/api/v1/audit/verify").await?;
+    if json {
+        return Ok(to_json(&v));
+    }
+    match v.first_bad {
+        None => Ok(format!("audit trail intact: {} records\n", v.records)),
+        Some(id) => Err(CliError::Failed(format!(
+            "audit trail broken: record {id} does not match its hash chain ({} records)",
+            v.records
+        ))),
+    }
+}
+
 pub fn to_json<T: serde::Serialize>(v: &T) -> String {
     let mut s = serde_json::to_string_pretty(v).unwrap_or_else(|_| "null".into());
     s.push('\n');

@@ -72,10 +72,7 @@ pub fn init(dd: &DataDir, opts: &InitOptions) -> Result<InitReport, InitError> {
         }
     }
     for san in &opts.sans {
-        if san.is_empty()
-            || san.len() > 253
-            || san.contains(['/', ' ', ':']) && san.parse::<std::net::IpAddr>().is_err()
-        {
+        if !valid_san(san) {
             return Err(InitError::InvalidInput(format!(
                 "--san {san:?} is not a DNS name or IP address"
             )));
@@ -171,6 +168,25 @@ format = "text"
     )
 }
 
+/// A DNS name (letters, digits, '-', '.', a leading "*." wildcard) or an IP address.
+pub fn valid_san(s: &str) -> bool {
+    if s.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    let name = s.strip_prefix("*.").unwrap_or(s);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
 /// 32 random bytes, hex.
 pub fn new_token() -> String {
     let mut bytes = [0u8; 32];
@@ -253,6 +269,22 @@ mod tests {
 
         let err = init(&dd, &opts).unwrap_err();
         assert!(matches!(err, InitError::AlreadyInitialised(_)), "{err}");
+    }
+
+    #[test]
+    fn san_names() {
+        for ok in [
+            "cp.internal",
+            "10.0.0.5",
+            "::1",
+            "*.example.com",
+            "localhost",
+        ] {
+            assert!(valid_san(ok), "{ok}");
+        }
+        for bad in ["", "a b", "a..b", "-a.b", "x/y", "host:443"] {
+            assert!(!valid_san(bad), "{bad}");
+        }
     }
 
     #[test]

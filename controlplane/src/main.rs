@@ -132,6 +132,9 @@ enum Command {
         /// Only records about this task.
         #[arg(long)]
         task: Option<String>,
+        /// Check the hash chain instead of listing.
+        #[arg(long, conflicts_with = "task")]
+        verify: bool,
         #[arg(long)]
         json: bool,
     },
@@ -189,7 +192,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut stderr = std::io::stderr();
             match command {
                 Command::Agents { json } => cli::agents(&client, json).await,
-                Command::Audit { task, json } => cli::audit(&client, task.as_deref(), json).await,
+                Command::Audit {
+                    verify: true, json, ..
+                } => cli::audit_verify(&client, json).await,
+                Command::Audit { task, json, .. } => {
+                    cli::audit(&client, task.as_deref(), json).await
+                }
                 Command::Submit {
                     dir,
                     op,

@@ -164,7 +164,7 @@ impl ControlPlane {
             }
             StateMethod::Lock => {
                 let info = body.unwrap_or_default();
-                let Some(id) = lock_id_of(&info) else {
+                let Some(id) = lock_id_of(&info).or_else(|| r.lock_id.clone()) else {
                     return Ok((
                         400,
                         Some(b"LOCK body must be tofu's lock info JSON with an ID".to_vec()),
