@@ -312,6 +312,9 @@ pub fn show_text(t: &TaskView) -> String {
             line.push_str("; applied");
         }
         rows.push(vec!["summary:".into(), line]);
+        if let Some(outputs) = &s.outputs {
+            rows.push(vec!["outputs:".into(), outputs.to_string()]);
+        }
     }
     if !t.vars.is_empty() {
         rows.push(vec![

@@ -120,10 +120,132 @@ pub async fn run_dispatcher(cp: Arc<ControlPlane>) {
             Some(at) => {
                 tokio::select! {
                     _ = notified => {}
-                    _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {}
+                    _ = tokio::time::sleep_until(at) => {}
                 }
             }
             None => notified.await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::{Rejection, REJECT_COOLDOWN};
+    use crate::hub::{AgentConn, Outbound};
+    use crate::store_tasks::{NewTask, StoredBlob, TaskInputs};
+    use delegate_protocol::{decode_text, Message, Op};
+    use std::collections::BTreeSet;
+    use tokio::sync::mpsc;
+    use uuid::Uuid;
+
+    fn plane(dir: &std::path::Path) -> Arc<ControlPlane> {
+        let store = Store::open_in_memory().unwrap();
+        let blobs = BlobStore::open(&dir.join("blobs"), AtRest::default()).unwrap();
+        Arc::new(ControlPlane::with_parts(
+            DataDir::new(dir),
+            CpConfig::default(),
+            store,
+            blobs,
+        ))
+    }
+
+    fn queue(cp: &ControlPlane, id: u128) -> Uuid {
+        let id = Uuid::from_u128(id);
+        cp.store
+            .insert_task(
+                &NewTask {
+                    id,
+                    op: Op::Validate,
+                    workspace: "w".into(),
+                    pool: "default".into(),
+                    inputs: TaskInputs::default(),
+                    archive: StoredBlob {
+                        blob: "b".into(),
+                        size: 1,
+                        sha256: "a".repeat(64),
+                    },
+                    plan: None,
+                    parent: None,
+                },
+                crate::now_ms(),
+            )
+            .unwrap();
+        id
+    }
+
+    fn connect(cp: &ControlPlane, name: &str, slots: u32) -> mpsc::UnboundedReceiver<Outbound> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        cp.hub().register(
+            name,
+            AgentConn {
+                conn_id: cp.next_conn_id(),
+                peer: "test".into(),
+                pool: "default".into(),
+                slots,
+                tx,
+                close: None,
+                held: BTreeSet::new(),
+                ready: true,
+            },
+        );
+        rx
+    }
+
+    fn assigned(rx: &mut mpsc::UnboundedReceiver<Outbound>) -> Vec<Uuid> {
+        let mut out = Vec::new();
+        while let Ok(Outbound::Text(t)) = rx.try_recv() {
+            if let Ok(Message::Assign(a)) = decode_text(&t) {
+                out.push(a.task.task_id);
+            }
+        }
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rejected_task_returns_to_the_same_agent_only_after_the_cooldown() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cp = plane(tmp.path());
+        let mut rx = connect(&cp, "a1", 1);
+        let id = queue(&cp, 1);
+        cp.hub().rejections.insert(
+            id,
+            vec![Rejection {
+                agent: "a1".into(),
+                at: tokio::time::Instant::now(),
+            }],
+        );
+        let start = tokio::time::Instant::now();
+        assert_eq!(cp.dispatch_now(), Some(start + REJECT_COOLDOWN));
+        assert!(
+            assigned(&mut rx).is_empty(),
+            "not straight back to the rejecter"
+        );
+        // The dispatcher sleeps until the cooldown ends (paused time jumps there), then assigns.
+        let task = tokio::spawn(run_dispatcher(cp.clone()));
+        while cp.store.task(id).unwrap().unwrap().agent.is_none() {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(tokio::time::Instant::now() >= start + REJECT_COOLDOWN);
+        assert_eq!(assigned(&mut rx), vec![id]);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn never_more_than_the_slots() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cp = plane(tmp.path());
+        let mut rx = connect(&cp, "a1", 2);
+        let ids: Vec<Uuid> = (1..=3).map(|i| queue(&cp, i)).collect();
+        cp.dispatch_now();
+        assert_eq!(assigned(&mut rx), ids[..2].to_vec());
+        cp.dispatch_now();
+        assert!(assigned(&mut rx).is_empty());
+        assert_eq!(cp.store.queued_tasks().unwrap().len(), 1);
+        // Not ready (Welcome not sent yet): nothing is assigned to it.
+        let mut rx2 = connect(&cp, "a2", 5);
+        cp.hub().agents.get_mut("a2").unwrap().ready = false;
+        cp.dispatch_now();
+        assert!(assigned(&mut rx2).is_empty());
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! Owns: the choice as a pure function over a snapshot. Never sends anything.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// After an agent rejects a task, it is not offered that task again for this long (unless it is
 /// the only way the task could ever run, in which case the task waits for the cooldown).

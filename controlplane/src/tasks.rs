@@ -17,7 +17,7 @@ use delegate_protocol::{
 };
 use ring::digest::{Context, SHA256};
 use std::collections::{BTreeSet, HashSet};
-use std::time::Instant;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 /// Input blobs are streamed to agents in chunks of this size.
