@@ -67,6 +67,22 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
+    /// The whole error on one line (for a start-up message).
+    pub fn one_line(&self) -> String {
+        match self {
+            ConfigError::Read { .. } => self.to_string(),
+            ConfigError::Invalid { path, issues } => format!(
+                "invalid configuration {}: {}",
+                path.display(),
+                issues
+                    .iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        }
+    }
+
     /// The individual problems (one for a read error).
     pub fn issues(&self) -> Vec<String> {
         match self {
@@ -381,7 +397,9 @@ pub fn load_with_env(path: &Path, env: Option<Map<String, String>>) -> Result<Co
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
-    let base = path
+    // Relative paths in the file are relative to the file, wherever the agent was started from.
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let base = absolute
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
@@ -1364,6 +1382,25 @@ format = "xml"
     fn toml_syntax_error_is_a_read_error() {
         let err = load_text("data_dir = [", &[]).unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_follow_the_file_not_the_working_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(&file, GOOD).unwrap();
+        let c = load_with_env(&file, env(&[])).unwrap();
+        assert_eq!(c.control_plane.ca_file, dir.path().join("ca.pem"));
+        assert_eq!(c.data_dir, dir.path().join("data"));
+    }
+
+    #[test]
+    fn one_line_error_lists_every_issue() {
+        let e = load_text("[agent]\nslots = 0\n", &[])
+            .unwrap_err()
+            .one_line();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(e.contains("agent.slots") && e.contains("data_dir"), "{e}");
     }
 
     #[test]

@@ -149,7 +149,7 @@ fn run(path: &std::path::Path) -> ExitCode {
     let cfg = match config::load(path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("delegate: {}", e.issues().join("; "));
+            eprintln!("delegate: {}", e.one_line());
             return ExitCode::from(2);
         }
     };
@@ -215,8 +215,10 @@ async fn run_agent(cfg: Config) -> anyhow::Result<ExitCode> {
 
 fn init_tracing(level: config::LogLevel, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::new(level.as_str());
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

@@ -1038,3 +1038,87 @@ async fn shutdown_drains_running_tasks_then_closes() {
     }
     guard("agent exit", agent.done).await.unwrap();
 }
+
+/// The real binary: without a reachable Docker engine it still connects, rejects every task with
+/// the Docker error, and on SIGTERM closes the WebSocket cleanly and exits 0.
+#[tokio::test]
+async fn binary_without_docker_rejects_tasks_and_stops_cleanly_on_sigterm() {
+    let pki = Pki::new();
+    let server = Server::start(&pki).await;
+    let (ca, cert, key) = pki.agent_files("runner-bin");
+    let config = pki.write(
+        "agent.toml",
+        &format!(
+            r#"data_dir = "data"
+[control_plane]
+url = "{url}"
+ca_file = "{ca}"
+cert_file = "{cert}"
+key_file = "{key}"
+[agent]
+name = "runner-bin"
+slots = 2
+[sandbox]
+pull_policy = "never"
+[log]
+format = "json"
+"#,
+            url = server.url(),
+            ca = ca.display(),
+            cert = cert.display(),
+            key = key.display()
+        ),
+    );
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_delegate"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (hello, mut peer) = server.accept_welcome(HB, vec![]).await;
+    assert_eq!(hello.name, "runner-bin");
+    assert_eq!(hello.slots, 2);
+
+    let id = Uuid::new_v4();
+    peer.send(&Message::Assign(Assign {
+        task: spec(id, b"x", None),
+    }));
+    match peer.control().await {
+        Message::Reject(r) => {
+            assert_eq!(r.task_id, id);
+            assert!(r.reason.contains("Docker"), "{}", r.reason);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let pid = child.id().unwrap().to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    match peer.next().await {
+        Incoming::Close(Some(f)) => assert_eq!(f.code, CloseCode::Normal),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    let status = guard("agent exit", child.wait()).await.unwrap();
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use tokio::io::AsyncReadExt;
+        let _ = e.read_to_string(&mut stderr).await;
+    }
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    // JSON logs as configured, one object per line.
+    for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not JSON: {line}"
+        );
+    }
+    assert!(
+        stderr.contains("connected to the control plane"),
+        "{stderr}"
+    );
+}
