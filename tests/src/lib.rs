@@ -5,8 +5,10 @@
 //!
 //! These helpers never talk to anything but loopback and the project's own containers.
 
+pub mod api;
 pub mod certs;
 pub mod docker;
+pub mod fleet;
 pub mod net;
 pub mod process;
 
