@@ -248,6 +248,27 @@ impl ControlPlane {
         }
     }
 
+    /// A task ended: release the state locks it still holds (tofu killed by cancel or timeout,
+    /// or a lost agent, cannot unlock), so the workspace is not wedged.
+    pub fn release_locks_of(&self, task_id: uuid::Uuid) {
+        match self.store.release_task_locks(&task_id.to_string()) {
+            Ok(released) => {
+                for (ws, lock_id) in released {
+                    tracing::info!(task = %task_id, workspace = %ws, "released the state lock of an ended task");
+                    self.audit(
+                        "controlplane",
+                        "state.unlocked",
+                        &format!("workspace/{ws}"),
+                        &format!("lock {lock_id} released: task {task_id} ended holding it"),
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::error!(task = %task_id, error = %e, "cannot release the task's state locks")
+            }
+        }
+    }
+
     /// Admin: push a new state version (e.g. to change state behind tofu's back). Refused while
     /// the workspace is locked unless `force`.
     pub fn push_state(

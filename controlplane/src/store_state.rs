@@ -197,6 +197,22 @@ impl Store {
         Ok(decision)
     }
 
+    /// Release every lock a task still holds (it ended without unlocking: killed, timed out,
+    /// lost). Returns the workspaces and the lock ids released.
+    pub fn release_task_locks(&self, task_id: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let held = tx
+            .prepare("SELECT workspace, lock_id FROM state_locks WHERE task_id = ?1")?
+            .query_map([task_id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        tx.execute("DELETE FROM state_locks WHERE task_id = ?1", [task_id])?;
+        tx.commit()?;
+        Ok(held)
+    }
+
     /// DELETE: forget every version of the workspace's state. Returns their blob ids.
     pub fn state_delete(
         &self,
@@ -293,6 +309,18 @@ mod tests {
             Decision::Acquire
         );
         assert!(s.state_delete("w", Some("L9")).unwrap().is_err());
+        // A task that ends holding a lock gives it up.
+        assert_eq!(
+            s.state_lock_acquire("third", "L7", "{}", Some("t7"), 6)
+                .unwrap(),
+            Decision::Acquire
+        );
+        assert_eq!(
+            s.release_task_locks("t7").unwrap(),
+            vec![("third".to_string(), "L7".to_string())]
+        );
+        assert!(s.state_lock("third").unwrap().is_none());
+        assert!(s.state_lock("w").unwrap().is_some(), "other locks stay");
         assert_eq!(s.state_delete("w", Some("L2")).unwrap().unwrap().len(), 4);
         assert!(s.state_latest("w").unwrap().is_none());
     }

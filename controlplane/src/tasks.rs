@@ -231,6 +231,7 @@ impl ControlPlane {
                 &format!("lost: {reason}"),
             );
             hub.forget_task(Some(agent), t.id, false);
+            self.release_locks_of(t.id);
             self.notify_change();
         }
     }
@@ -477,6 +478,7 @@ impl ControlPlane {
                     reason: reason.clone(),
                 }),
             );
+            self.release_locks_of(t.id);
             self.notify_change();
         }
         Fault {
@@ -630,6 +632,7 @@ impl ControlPlane {
                 None => outcome.as_str().to_string(),
             };
             self.audit(agent, "task.finished", &id.to_string(), &detail);
+            self.release_locks_of(id);
             self.request_dispatch();
         }
         self.notify_change();

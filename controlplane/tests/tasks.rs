@@ -778,6 +778,21 @@ async fn state_relay_versions_and_locks() {
         .await
         .unwrap();
     assert_eq!(lock, lock_b);
+    // A task that ends still holding its lock (killed tofu) releases it.
+    done(&mut ws, b, 1, Outcome::Cancelled, None).await;
+    wait_ack(&mut ws, b, 1).await;
+    let lock = env
+        .api()
+        .get_bytes("/api/v1/workspaces/shared/lock")
+        .await
+        .unwrap();
+    assert!(
+        lock.is_empty(),
+        "lock still held: {}",
+        String::from_utf8_lossy(&lock)
+    );
+    env.wait_audit(|r| r.action == "state.unlocked" && r.detail.contains("ended holding it"))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
