@@ -230,6 +230,13 @@ impl Link {
                                 url = %self.settings.endpoint.url,
                                 "connected to the control plane"
                             );
+                            if welcome.agent_id != self.settings.name {
+                                warn!(
+                                    agent_id = %welcome.agent_id,
+                                    name = %self.settings.name,
+                                    "the control plane knows this agent by its certificate under another name than agent.name"
+                                );
+                            }
                             self.status.send_modify(|s| {
                                 s.connections = connections;
                                 s.phase = LinkPhase::Connected {
