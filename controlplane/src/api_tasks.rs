@@ -211,7 +211,7 @@ pub fn routes(max_archive: u64) -> Router<Arc<ControlPlane>> {
         )
         .route(
             "/api/v1/workspaces/{ws}/lock",
-            get(get_lock).delete(force_unlock),
+            get(get_lock).post(admin_lock).delete(force_unlock),
         )
 }
 
@@ -509,6 +509,42 @@ async fn get_lock(
     match cp.store.state_lock(&ws)? {
         Some(h) => Ok(([(header::CONTENT_TYPE, "application/json")], h.info).into_response()),
         None => Ok(StatusCode::NO_CONTENT.into_response()),
+    }
+}
+
+/// Admin: take the workspace lock with tofu's lock info JSON (as another tofu would). 200, or
+/// 423 with the holder's lock info.
+async fn admin_lock(
+    State(cp): State<Arc<ControlPlane>>,
+    Path(ws): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    check_ws(&ws)?;
+    let id = crate::lock::lock_id_of(&body).ok_or_else(|| {
+        ApiError::bad_request("the body must be tofu's lock info JSON with a non-empty \"ID\"")
+    })?;
+    let info = String::from_utf8_lossy(&body).into_owned();
+    match cp
+        .store
+        .state_lock_acquire(&ws, &id, &info, None, crate::now_ms())?
+    {
+        crate::lock::Decision::Refuse { status, holder } => Ok((
+            StatusCode::from_u16(status).unwrap_or(StatusCode::LOCKED),
+            [(header::CONTENT_TYPE, "application/json")],
+            holder,
+        )
+            .into_response()),
+        decision => {
+            if decision == crate::lock::Decision::Acquire {
+                cp.audit(
+                    "api",
+                    "state.locked",
+                    &format!("workspace/{ws}"),
+                    &format!("lock {id}"),
+                );
+            }
+            Ok(([(header::CONTENT_TYPE, "application/json")], info).into_response())
+        }
     }
 }
 

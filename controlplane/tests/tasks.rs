@@ -606,6 +606,29 @@ async fn follow_streams_until_done() {
     assert_eq!(String::from_utf8(out).unwrap(), want);
 }
 
+/// A raw API call; returns the status and body text.
+async fn raw_call(env: &Env, method: &str, path: &str, body: String) -> (u16, String) {
+    let tls = delegate_controlplane::tls::api_client_config(&env.dd.ca_cert()).unwrap();
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .build()
+        .unwrap();
+    let token = std::fs::read_to_string(env.dd.api_token()).unwrap();
+    let addr = env.running.as_ref().unwrap().api_addr;
+    let resp = http
+        .request(
+            method.parse().unwrap(),
+            format!("https://127.0.0.1:{}{path}", addr.port()),
+        )
+        .bearer_auth(token.trim())
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
+}
+
 async fn state_req(
     ws: &mut Ws,
     task: Uuid,
@@ -778,6 +801,38 @@ async fn state_relay_versions_and_locks() {
         .await
         .unwrap();
     assert_eq!(lock, lock_b);
+    // An admin lock (held "as another tofu would") is refused while b holds it.
+    let other = serde_json::json!({"ID": "admin-1", "Who": "ops"});
+    let (status, _) = raw_call(
+        &env,
+        "POST",
+        "/api/v1/workspaces/shared/lock",
+        other.to_string(),
+    )
+    .await;
+    assert_eq!(status, 423);
+    let (status, _) = raw_call(
+        &env,
+        "POST",
+        "/api/v1/workspaces/free/lock",
+        other.to_string(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let lock = env
+        .api()
+        .get_bytes("/api/v1/workspaces/free/lock")
+        .await
+        .unwrap();
+    assert_eq!(lock, other.to_string().as_bytes());
+    let (status, body) = raw_call(
+        &env,
+        "DELETE",
+        "/api/v1/workspaces/free/lock",
+        String::new(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
     // A task that ends still holding its lock (killed tofu) releases it.
     done(&mut ws, b, 1, Outcome::Cancelled, None).await;
     wait_ack(&mut ws, b, 1).await;
