@@ -34,6 +34,7 @@
 //!   - forward: reject anything entering or leaving `br-X` from or to another interface — a second
 //!     lock behind Docker's isolation, and it also stops DNAT'd published ports of other
 //!     containers and other tasks' networks.
+//!
 //!   With nftables these live in one table per bridge (`inet delegate_br_X`), applied atomically and
 //!   removed with the task, independent of the iptables backend Docker uses; without `nft` the same
 //!   set is rendered for `iptables`/`ip6tables` ([`firewall::render_iptables`]).
