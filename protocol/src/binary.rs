@@ -149,7 +149,14 @@ pub fn encode(frame: &BinaryFrame) -> Vec<u8> {
         BinaryFrame::Chunk(f) => {
             let mut out = Vec::with_capacity(HEADER_LEN + f.data.len());
             let flags = if f.last { FLAG_LAST } else { 0 };
-            header(&mut out, KIND_CHUNK, f.kind.to_byte(), flags, &f.task_id, f.seq);
+            header(
+                &mut out,
+                KIND_CHUNK,
+                f.kind.to_byte(),
+                flags,
+                &f.task_id,
+                f.seq,
+            );
             out.extend_from_slice(&f.data);
             out
         }
@@ -276,7 +283,10 @@ mod tests {
 
     #[test]
     fn rejects_short_oversized_and_unknown() {
-        assert!(matches!(decode(&[MAGIC, 1]), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            decode(&[MAGIC, 1]),
+            Err(DecodeError::Malformed(_))
+        ));
         let big = vec![0u8; HEADER_LEN + limits::MAX_BINARY_PAYLOAD + 1];
         assert!(matches!(decode(&big), Err(DecodeError::TooLarge { .. })));
         let mut f = encode_log(&Uuid::nil(), 1, LogStream::Stdout, b"x");
@@ -284,7 +294,13 @@ mod tests {
         assert!(matches!(decode(&f), Err(DecodeError::UnknownType(_))));
         f[1] = KIND_LOG;
         f[2] = 7;
-        assert!(matches!(decode(&f), Err(DecodeError::InvalidField { field: "stream", .. })));
+        assert!(matches!(
+            decode(&f),
+            Err(DecodeError::InvalidField {
+                field: "stream",
+                ..
+            })
+        ));
         f[0] = 0;
         assert!(matches!(decode(&f), Err(DecodeError::Malformed(_))));
     }

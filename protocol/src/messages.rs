@@ -26,6 +26,8 @@ pub const KNOWN_TYPES: &[&str] = &[
     "error",
     "state_request",
     "state_response",
+    "renew_request",
+    "renew_response",
 ];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,6 +47,8 @@ pub enum Message {
     Error(ErrorMsg),
     StateRequest(StateRequest),
     StateResponse(StateResponse),
+    RenewRequest(RenewRequest),
+    RenewResponse(RenewResponse),
 }
 
 impl Message {
@@ -64,6 +68,8 @@ impl Message {
             Message::Error(_) => "error",
             Message::StateRequest(_) => "state_request",
             Message::StateResponse(_) => "state_response",
+            Message::RenewRequest(_) => "renew_request",
+            Message::RenewResponse(_) => "renew_response",
         }
     }
 
@@ -78,7 +84,10 @@ impl Message {
                 check_map("labels", &h.labels, limits::MAX_TEXT)?;
                 check_list("tasks", h.tasks.len())?;
                 if h.slots == 0 || h.slots > 1024 {
-                    return Err(invalid("slots", format!("must be 1..=1024, got {}", h.slots)));
+                    return Err(invalid(
+                        "slots",
+                        format!("must be 1..=1024, got {}", h.slots),
+                    ));
                 }
             }
             Message::Welcome(w) => {
@@ -110,6 +119,13 @@ impl Message {
                 }
             }
             Message::StateResponse(r) => check_b64_body(&r.body_b64)?,
+            Message::RenewRequest(r) => check_len("csr_pem", &r.csr_pem, limits::MAX_TEXT)?,
+            Message::RenewResponse(r) => {
+                check_len("cert_pem", &r.cert_pem, limits::MAX_TEXT)?;
+                if let Some(ca) = &r.ca_pem {
+                    check_len("ca_pem", ca, limits::MAX_TEXT)?;
+                }
+            }
         }
         Ok(())
     }
@@ -150,20 +166,32 @@ fn check_map(
         if k.is_empty() || k.len() > limits::MAX_NAME {
             return Err(invalid(
                 field,
-                format!("key {:?} must be 1..={} bytes", truncate(k, 32), limits::MAX_NAME),
+                format!(
+                    "key {:?} must be 1..={} bytes",
+                    truncate(k, 32),
+                    limits::MAX_NAME
+                ),
             ));
         }
         if v.len() > max_value {
             return Err(invalid(
                 field,
-                format!("value of {:?} is {} bytes, limit {max_value}", truncate(k, 32), v.len()),
+                format!(
+                    "value of {:?} is {} bytes, limit {max_value}",
+                    truncate(k, 32),
+                    v.len()
+                ),
             ));
         }
     }
     Ok(())
 }
 fn check_sha(field: &'static str, s: &str) -> Result<(), DecodeError> {
-    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+    if s.len() != 64
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
         return Err(invalid(field, "must be 64 lowercase hex digits".into()));
     }
     Ok(())
@@ -352,16 +380,25 @@ impl TaskSpec {
         }
         check_sha("task.archive.sha256", &self.archive.sha256)?;
         if self.archive.size > limits::MAX_BLOB {
-            return Err(invalid("task.archive.size", format!("limit {}", limits::MAX_BLOB)));
+            return Err(invalid(
+                "task.archive.size",
+                format!("limit {}", limits::MAX_BLOB),
+            ));
         }
         if let Some(p) = &self.plan {
             check_sha("task.plan.sha256", &p.sha256)?;
             if p.size > limits::MAX_BLOB {
-                return Err(invalid("task.plan.size", format!("limit {}", limits::MAX_BLOB)));
+                return Err(invalid(
+                    "task.plan.size",
+                    format!("limit {}", limits::MAX_BLOB),
+                ));
             }
         }
         if self.op == Op::Apply && self.plan.is_none() {
-            return Err(invalid("task.plan", "an apply task must carry the approved plan".into()));
+            return Err(invalid(
+                "task.plan",
+                "an apply task must carry the approved plan".into(),
+            ));
         }
         Ok(())
     }
@@ -406,6 +443,23 @@ pub enum EventKind {
         level: String,
         text: String,
     },
+    /// One decision of the task's egress proxy; the control plane keeps it as an audit record.
+    Egress {
+        /// The destination as the sandbox asked for it (`host:port`).
+        destination: String,
+        /// The address the proxy resolved and connected to (or refused), if any.
+        #[serde(default)]
+        address: Option<String>,
+        allowed: bool,
+        /// The allow rule that matched, or why it was denied.
+        detail: String,
+        #[serde(default)]
+        bytes_up: u64,
+        #[serde(default)]
+        bytes_down: u64,
+        #[serde(default)]
+        duration_ms: u64,
+    },
 }
 
 impl EventKind {
@@ -417,6 +471,18 @@ impl EventKind {
             EventKind::Notice { level, text } => {
                 check_name("event.level", level)?;
                 check_text("event.text", text)
+            }
+            EventKind::Egress {
+                destination,
+                address,
+                detail,
+                ..
+            } => {
+                check_name("event.destination", destination)?;
+                if let Some(a) = address {
+                    check_name("event.address", a)?;
+                }
+                check_text("event.detail", detail)
             }
         }
     }
@@ -589,6 +655,24 @@ pub struct StateResponse {
     pub body_b64: Option<String>,
 }
 
+/// Agent -> control plane: a certificate signing request (PEM) for the agent's current identity,
+/// sent over the live mTLS link before the certificate expires. The key never leaves the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    pub csr_pem: String,
+}
+
+/// Control plane -> agent: the renewed certificate (PEM), issued for the identity of the
+/// connection; the CA bundle too when it changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewResponse {
+    pub cert_pem: String,
+    #[serde(default)]
+    pub ca_pem: Option<String>,
+}
+
 /// For logs and stores: a stream name for a Log frame.
 pub fn stream_name(s: LogStream) -> &'static str {
     s.as_str()
@@ -607,7 +691,12 @@ mod tests {
     fn task() -> impl Strategy<Value = TaskSpec> {
         (
             any::<u128>(),
-            prop_oneof![Just(Op::Validate), Just(Op::Plan), Just(Op::Destroy), Just(Op::Drift)],
+            prop_oneof![
+                Just(Op::Validate),
+                Just(Op::Plan),
+                Just(Op::Destroy),
+                Just(Op::Drift)
+            ],
             name(),
             proptest::collection::btree_map(name(), ".{0,40}", 0..5),
             proptest::collection::btree_map(name(), ".{0,40}", 0..5),
@@ -623,7 +712,10 @@ mod tests {
                 var_files: vec![],
                 env: BTreeMap::new(),
                 secrets: Secrets(secrets),
-                archive: BlobRef { size: size % limits::MAX_BLOB, sha256: "a".repeat(64) },
+                archive: BlobRef {
+                    size: size % limits::MAX_BLOB,
+                    sha256: "a".repeat(64),
+                },
                 plan: None,
                 timeout_secs: 30,
                 egress: vec!["registry.opentofu.org:443".into()],
@@ -632,17 +724,24 @@ mod tests {
 
     fn message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            (proptest::collection::vec(1u16..5, 1..4), name(), name(), 1u32..64).prop_map(
-                |(versions, name, pool, slots)| Message::Hello(Hello {
+            (
+                proptest::collection::vec(1u16..5, 1..4),
+                name(),
+                name(),
+                1u32..64
+            )
+                .prop_map(|(versions, name, pool, slots)| Message::Hello(Hello {
                     versions,
                     agent_version: "0.1.0".into(),
                     name,
                     pool,
                     labels: BTreeMap::from([("os".into(), "linux".into())]),
                     slots,
-                    tasks: vec![HeldTask { task_id: Uuid::from_u128(7), acked_seq: 3 }],
-                })
-            ),
+                    tasks: vec![HeldTask {
+                        task_id: Uuid::from_u128(7),
+                        acked_seq: 3
+                    }],
+                })),
             any::<u64>().prop_map(|ts_ms| Message::Heartbeat(Heartbeat { ts_ms })),
             task().prop_map(|task| Message::Assign(Assign { task })),
             (any::<u128>(), any::<u64>()).prop_map(|(id, seq)| Message::Ack(Ack {
@@ -654,7 +753,10 @@ mod tests {
                     task_id: Uuid::from_u128(id),
                     seq,
                     at_ms: 1,
-                    event: EventKind::Notice { level: "warn".into(), text },
+                    event: EventKind::Notice {
+                        level: "warn".into(),
+                        text,
+                    },
                 })
             }),
             (any::<u128>(), any::<u64>()).prop_map(|(id, seq)| Message::Done(Done {
@@ -662,7 +764,10 @@ mod tests {
                 seq,
                 outcome: Outcome::Succeeded,
                 reason: None,
-                summary: Some(Summary { add: 1, ..Default::default() }),
+                summary: Some(Summary {
+                    add: 1,
+                    ..Default::default()
+                }),
             })),
         ]
     }
@@ -682,13 +787,22 @@ mod tests {
 
     #[test]
     fn refuses_unknown_type_and_fields() {
-        assert!(matches!(decode_text(r#"{"type":"bogus"}"#), Err(DecodeError::UnknownType(_))));
+        assert!(matches!(
+            decode_text(r#"{"type":"bogus"}"#),
+            Err(DecodeError::UnknownType(_))
+        ));
         assert!(matches!(
             decode_text(r#"{"type":"heartbeat","ts_ms":1,"extra":2}"#),
             Err(DecodeError::Malformed(_))
         ));
-        assert!(matches!(decode_text("not json"), Err(DecodeError::Malformed(_))));
-        assert!(matches!(decode_text(r#"{"no":"type"}"#), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            decode_text("not json"),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_text(r#"{"no":"type"}"#),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -703,12 +817,18 @@ mod tests {
             tasks: vec![],
         });
         let err = decode_text(&encode_text(&h)).unwrap_err();
-        assert!(matches!(err, DecodeError::InvalidField { field: "name", .. }), "{err}");
+        assert!(
+            matches!(err, DecodeError::InvalidField { field: "name", .. }),
+            "{err}"
+        );
     }
 
     #[test]
     fn secrets_debug_hides_values() {
-        let s = Secrets(BTreeMap::from([("TOKEN".into(), "hunter22-very-secret".into())]));
+        let s = Secrets(BTreeMap::from([(
+            "TOKEN".into(),
+            "hunter22-very-secret".into(),
+        )]));
         let dbg = format!("{s:?}");
         assert!(dbg.contains("TOKEN"));
         assert!(!dbg.contains("hunter22"));
@@ -725,13 +845,19 @@ mod tests {
             var_files: vec![],
             env: BTreeMap::new(),
             secrets: Secrets::default(),
-            archive: BlobRef { size: 1, sha256: "0".repeat(64) },
+            archive: BlobRef {
+                size: 1,
+                sha256: "0".repeat(64),
+            },
             plan: None,
             timeout_secs: 0,
             egress: vec![],
         };
         assert!(t.validate().is_err());
-        t.plan = Some(BlobRef { size: 1, sha256: "1".repeat(64) });
+        t.plan = Some(BlobRef {
+            size: 1,
+            sha256: "1".repeat(64),
+        });
         assert!(t.validate().is_ok());
     }
 }
