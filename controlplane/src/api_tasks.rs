@@ -318,7 +318,7 @@ struct LogsQuery {
     after_seq: u64,
     #[serde(default)]
     follow: Option<String>,
-    /// `ndjson` (default) or `raw`.
+    /// `ndjson` (default), `raw` or `sse`.
     #[serde(default)]
     format: Option<String>,
 }
@@ -327,24 +327,84 @@ fn truthy(v: &Option<String>) -> bool {
     matches!(v.as_deref(), Some("1" | "true" | "yes" | ""))
 }
 
+/// How `GET /api/v1/tasks/{id}/logs` encodes log output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One [`LogLine`] JSON object per line.
+    Ndjson,
+    /// The bytes exactly as the task produced them.
+    Raw,
+    /// Server-sent events: `id: SEQ`, `event: stdout|stderr|system`, `data: <LogLine JSON>`;
+    /// a final `event: end` carries the task's state and outcome.
+    Sse,
+}
+
+impl LogFormat {
+    pub fn parse(s: Option<&str>) -> Option<LogFormat> {
+        match s {
+            None | Some("ndjson") => Some(LogFormat::Ndjson),
+            Some("raw") => Some(LogFormat::Raw),
+            Some("sse") => Some(LogFormat::Sse),
+            Some(_) => None,
+        }
+    }
+    fn content_type(self) -> &'static str {
+        match self {
+            LogFormat::Ndjson => "application/x-ndjson",
+            LogFormat::Raw => "application/octet-stream",
+            LogFormat::Sse => "text/event-stream",
+        }
+    }
+}
+
+/// Encode stored log rows in `format`.
+pub fn render_logs(format: LogFormat, rows: Vec<crate::store_tasks::LogRow>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for r in rows {
+        if format == LogFormat::Raw {
+            out.extend_from_slice(&r.data);
+            continue;
+        }
+        let line = LogLine {
+            seq: r.seq,
+            stream: r.stream,
+            at: crate::rfc3339(r.at_ms),
+            data: String::from_utf8_lossy(&r.data).into_owned(),
+        };
+        let json = serde_json::to_string(&line).unwrap_or_default();
+        if format == LogFormat::Sse {
+            out.extend_from_slice(
+                format!("id: {}\nevent: {}\ndata: {json}\n\n", line.seq, line.stream).as_bytes(),
+            );
+        } else {
+            out.extend_from_slice(json.as_bytes());
+            out.push(b'\n');
+        }
+    }
+    out
+}
+
 struct LogStream {
     cp: Arc<ControlPlane>,
     id: Uuid,
     after: u64,
     follow: bool,
-    raw: bool,
+    format: LogFormat,
+    ended: bool,
     changes: tokio::sync::watch::Receiver<u64>,
 }
 
 /// The next batch of log output, waiting for more while following; None at the end.
 async fn next_logs(mut s: LogStream) -> Option<(Result<Bytes, std::io::Error>, LogStream)> {
+    if s.ended {
+        return None;
+    }
     loop {
         s.changes.borrow_and_update();
-        // Whether it had finished *before* reading: every log is stored before `done`.
-        let finished = match s.cp.store.task(s.id) {
-            Ok(Some(t)) => t.state == TaskState::Finished,
-            _ => true,
-        };
+        // Read the task *before* the logs: every log is stored before `done`, so once it is
+        // finished, an empty read means there is nothing more.
+        let task = s.cp.store.task(s.id).ok().flatten();
+        let finished = task.as_ref().is_none_or(|t| t.state == TaskState::Finished);
         let rows = match s.cp.store.logs(s.id, s.after, 512) {
             Ok(r) => r,
             Err(e) => {
@@ -354,27 +414,20 @@ async fn next_logs(mut s: LogStream) -> Option<(Result<Bytes, std::io::Error>, L
         };
         if let Some(last) = rows.last() {
             s.after = last.seq;
-            let mut out = Vec::new();
-            for r in rows {
-                if s.raw {
-                    out.extend_from_slice(&r.data);
-                } else {
-                    let line = LogLine {
-                        seq: r.seq,
-                        stream: r.stream,
-                        at: crate::rfc3339(r.at_ms),
-                        data: String::from_utf8_lossy(&r.data).into_owned(),
-                    };
-                    out.extend_from_slice(
-                        serde_json::to_string(&line).unwrap_or_default().as_bytes(),
-                    );
-                    out.push(b'\n');
-                }
-            }
+            let out = render_logs(s.format, rows);
             return Some((Ok(Bytes::from(out)), s));
         }
         if !s.follow || finished {
-            return None;
+            s.ended = true;
+            if s.format != LogFormat::Sse {
+                return None;
+            }
+            let end = serde_json::json!({
+                "id": s.id.to_string(),
+                "state": task.as_ref().map(|t| t.state.as_str()),
+                "outcome": task.as_ref().and_then(|t| t.outcome).map(|o| o.as_str()),
+            });
+            return Some((Ok(Bytes::from(format!("event: end\ndata: {end}\n\n"))), s));
         }
         tokio::select! {
             _ = s.changes.changed() => {}
@@ -388,32 +441,36 @@ async fn task_logs(
     State(cp): State<Arc<ControlPlane>>,
     Path(id): Path<String>,
     Query(q): Query<LogsQuery>,
+    headers: axum::http::HeaderMap,
 ) -> ApiResult<Response> {
     let t = load(&cp, &id)?;
-    let raw = match q.format.as_deref() {
-        None | Some("ndjson") => false,
-        Some("raw") => true,
-        Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "format {other:?}: use ndjson or raw"
-            )))
-        }
-    };
+    let format = LogFormat::parse(q.format.as_deref()).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "format {:?}: use ndjson, raw or sse",
+            q.format.as_deref().unwrap_or_default()
+        ))
+    })?;
+    // An SSE client reconnecting says where it stopped.
+    let after = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(q.after_seq);
     let state = LogStream {
         changes: cp.subscribe_changes(),
         cp: cp.clone(),
         id: t.id,
-        after: q.after_seq,
+        after,
         follow: truthy(&q.follow),
-        raw,
+        format,
+        ended: false,
     };
     let stream = futures_util::stream::unfold(state, next_logs);
-    let ctype = if raw {
-        "application/octet-stream"
-    } else {
-        "application/x-ndjson"
-    };
-    Ok(([(header::CONTENT_TYPE, ctype)], Body::from_stream(stream)).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, format.content_type())],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 fn check_ws(ws: &str) -> Result<(), ApiError> {
@@ -570,4 +627,48 @@ async fn force_unlock(
 /// Whether a task outcome counts as success for CLI exit codes.
 pub fn succeeded(v: &TaskView) -> bool {
     v.outcome.as_deref() == Some(Outcome::Succeeded.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store_tasks::LogRow;
+
+    fn rows() -> Vec<LogRow> {
+        vec![
+            LogRow {
+                seq: 3,
+                stream: "stdout".into(),
+                at_ms: 0,
+                data: b"a\n".to_vec(),
+            },
+            LogRow {
+                seq: 4,
+                stream: "stderr".into(),
+                at_ms: 0,
+                data: vec![0xff, b'\n'],
+            },
+        ]
+    }
+
+    #[test]
+    fn log_formats() {
+        assert_eq!(
+            render_logs(LogFormat::Raw, rows()),
+            vec![b'a', b'\n', 0xff, b'\n']
+        );
+        let nd = String::from_utf8(render_logs(LogFormat::Ndjson, rows())).unwrap();
+        let lines: Vec<LogLine> = nd
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines[1].seq, 4);
+        assert_eq!(lines[1].stream, "stderr");
+        assert_eq!(lines[1].data, "\u{fffd}\n");
+        let sse = String::from_utf8(render_logs(LogFormat::Sse, rows())).unwrap();
+        assert!(sse.starts_with("id: 3\nevent: stdout\ndata: {"), "{sse}");
+        assert_eq!(sse.matches("\n\n").count(), 2);
+        assert_eq!(LogFormat::parse(Some("sse")), Some(LogFormat::Sse));
+        assert_eq!(LogFormat::parse(Some("xml")), None);
+    }
 }

@@ -604,6 +604,20 @@ async fn follow_streams_until_done() {
     let out = follower.await.unwrap();
     let want: String = (1..=20).map(|i| format!("line {i}\n")).collect();
     assert_eq!(String::from_utf8(out).unwrap(), want);
+    // Server-sent events: one event per log, then the end with the outcome.
+    let sse = env
+        .api()
+        .get_bytes(&format!(
+            "/api/v1/tasks/{}/logs?format=sse&follow=1&after_seq=18",
+            t.id
+        ))
+        .await
+        .unwrap();
+    let sse = String::from_utf8(sse).unwrap();
+    assert!(sse.starts_with("id: 19\nevent: stdout\ndata: "), "{sse}");
+    assert!(sse.contains("id: 20\n"), "{sse}");
+    assert!(sse.contains(r#""outcome":"succeeded""#), "{sse}");
+    assert!(sse.contains("event: end\n"), "{sse}");
 }
 
 /// A raw API call; returns the status and body text.
