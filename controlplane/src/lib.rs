@@ -5,14 +5,17 @@
 //! - `config`: `DIR/controlplane.toml` and the data directory layout.
 //! - `init`: creating a data directory (CA, certificates, token, agent bundles).
 //! - `pki`, `tls`: certificates and rustls configurations (TLS 1.3 only everywhere).
-//! - `store`, `at_rest`, `audit`: SQLite database, blobs on disk, the hash-chained audit trail.
-//! - `hub`: in-memory view of connected agents and task secrets.
+//! - `store` (+ `store_tasks`, `store_state`), `at_rest`, `audit`: SQLite database with versioned
+//!   migrations, blobs on disk (the one place sealing goes), the hash-chained audit trail.
+//! - `hub`: in-memory view of connected agents, task secrets and recent rejections.
 //! - `dispatch`, `seq`, `lock`: decisions as pure functions (which agent gets a task, what to do
 //!   with a sequenced message, who holds a workspace lock).
-//! - `cp`: the control plane's shared state and the operations on it.
+//! - `cp`: the control plane's shared state and the dispatcher loop.
 //! - `agent_link`: the agent endpoint (mTLS, WebSocket, Hello/Welcome, heartbeats, frames).
-//! - `api`: the user API (HTTPS, bearer token, JSON).
-//! - `serve`: binding listeners and running both endpoints until shutdown.
+//! - `tasks`, `state`: what agents' task messages and state requests do.
+//! - `task_ops`: what users do to tasks (submit, cancel, approve).
+//! - `api`, `api_tasks`: the user API (HTTPS, bearer token, JSON).
+//! - `serve`: binding listeners and running everything until shutdown.
 //! - `client`, `cli`, `pack`: the CLI side: HTTP client, commands and output, workspace packing.
 
 pub mod agent_link;
