@@ -19,6 +19,9 @@
 //! This module never opens a connection and never logs; it never echoes a secret (URL user info is
 //! redacted from messages). It reads the certificate files only in [`Config::check_files`].
 
+use crate::egress::matcher::{normalize_host, Host};
+use crate::egress::rules::{Policy, Rule};
+use crate::sandbox::egress_wiring::{EgressPolicy, EgressSettings, FirewallMode};
 use crate::sandbox::{PullPolicy, SandboxSettings};
 use crate::tls;
 use config::{ConfigError as RawError, Environment, File, FileFormat, Map, Value, ValueKind};
@@ -26,6 +29,7 @@ use serde::de::{self, DeserializeOwned, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
@@ -205,7 +209,32 @@ pub struct SandboxFile {
 pub struct EgressFile {
     pub allow: StringList,
     pub deny: StringList,
+    /// Fixed addresses for names (split-horizon DNS, mirrors known by address): the proxy uses
+    /// these instead of asking the system resolver. `{ "mirror.internal" = "10.1.2.3" }` or a list.
+    pub hosts: BTreeMap<String, StringList>,
+    /// Most connections one task's proxy serves at once (tunnels included).
+    pub max_connections: Option<u64>,
+    /// How task bridges are isolated from the host's own services.
+    pub firewall: Option<FirewallModeName>,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirewallModeName {
+    Auto,
+    Nft,
+    Iptables,
+    Off,
+}
+
+string_enum!(
+    FirewallModeName,
+    [
+        (FirewallModeName::Auto, "auto"),
+        (FirewallModeName::Nft, "nft"),
+        (FirewallModeName::Iptables, "iptables"),
+        (FirewallModeName::Off, "off")
+    ]
+);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogLevel {
@@ -365,7 +394,16 @@ pub struct SandboxConfig {
 pub struct EgressConfig {
     pub allow: Vec<String>,
     pub deny: Vec<String>,
+    /// `allow` and `deny` parsed (every entry valid).
+    pub policy: Policy,
+    /// `egress.hosts`, names normalised.
+    pub hosts: BTreeMap<String, Vec<IpAddr>>,
+    pub max_connections: Option<usize>,
+    pub firewall: FirewallMode,
 }
+
+/// Most connections a task's proxy may be configured to serve at once.
+const MAX_EGRESS_CONNECTIONS: u64 = 65_536;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogConfig {
@@ -704,9 +742,12 @@ impl FileConfig {
             for (i, e) in list.0.iter().enumerate() {
                 if e.trim().is_empty() {
                     issues.push(Issue::new(format!("{key}[{i}]"), "must not be empty"));
+                } else if let Err(err) = Rule::parse(e) {
+                    issues.push(Issue::new(format!("{key}[{i}]"), rule_message(&err)));
                 }
             }
         }
+        let egress = self.egress.validate(&mut issues);
 
         let log = LogConfig {
             level: self.log.level.unwrap_or(LogLevel::Info),
@@ -740,13 +781,82 @@ impl FileConfig {
                 drain_timeout,
             },
             sandbox,
-            egress: EgressConfig {
-                allow: self.egress.allow.0.clone(),
-                deny: self.egress.deny.0.clone(),
-            },
+            egress,
             log,
             warnings: Vec::new(),
         })
+    }
+}
+
+/// A rule error without its "egress entry" prefix (the issue's key already says where it is).
+fn rule_message(e: &crate::egress::rules::RuleError) -> String {
+    let text = e.to_string();
+    text.strip_prefix("egress entry ")
+        .map(str::to_string)
+        .unwrap_or(text)
+}
+
+impl EgressFile {
+    /// Everything but the per-entry checks of `allow`/`deny` (done by the caller).
+    fn validate(&self, issues: &mut Vec<Issue>) -> EgressConfig {
+        let policy = Policy::parse(&self.allow.0, &self.deny.0).unwrap_or_default();
+        let mut hosts = BTreeMap::new();
+        for (name, addrs) in &self.hosts {
+            let key = format!("egress.hosts.{name:?}");
+            let name = match normalize_host(name) {
+                Ok(Host::Name(n)) => n,
+                Ok(Host::Ip(_)) => {
+                    issues.push(Issue::new(key, "must be a host name, not an address"));
+                    continue;
+                }
+                Err(e) => {
+                    issues.push(Issue::new(key, e.to_string()));
+                    continue;
+                }
+            };
+            if addrs.0.is_empty() {
+                issues.push(Issue::new(key, "must list at least one address"));
+                continue;
+            }
+            let mut ips = Vec::new();
+            for (i, a) in addrs.0.iter().enumerate() {
+                match a.trim().parse::<IpAddr>() {
+                    Ok(ip) => ips.push(ip),
+                    Err(_) => {
+                        issues.push(Issue::new(
+                            format!("{key}[{i}]"),
+                            format!("{a:?} is not an IP address"),
+                        ));
+                    }
+                }
+            }
+            hosts.insert(name, ips);
+        }
+        let max_connections = self.max_connections.and_then(|n| {
+            if (1..=MAX_EGRESS_CONNECTIONS).contains(&n) {
+                usize::try_from(n).ok()
+            } else {
+                issues.push(Issue::new(
+                    "egress.max_connections",
+                    format!("must be 1..={MAX_EGRESS_CONNECTIONS}, got {n}"),
+                ));
+                None
+            }
+        });
+        let firewall = match self.firewall {
+            None | Some(FirewallModeName::Auto) => FirewallMode::Auto,
+            Some(FirewallModeName::Nft) => FirewallMode::Nft,
+            Some(FirewallModeName::Iptables) => FirewallMode::Iptables,
+            Some(FirewallModeName::Off) => FirewallMode::Off,
+        };
+        EgressConfig {
+            allow: self.allow.0.clone(),
+            deny: self.deny.0.clone(),
+            policy,
+            hosts,
+            max_connections,
+            firewall,
+        }
     }
 }
 
@@ -1019,6 +1129,20 @@ impl Config {
             extra_labels: s.extra_labels.clone(),
             plugin_cache: s.plugin_cache.unwrap_or(d.plugin_cache),
             pool: self.agent.pool.clone(),
+            egress: self.egress_settings(),
+        }
+    }
+
+    /// The sandbox's egress settings. Each call makes a new policy handle: keep the handle of the
+    /// settings the sandbox runs with to replace its policy on reload.
+    pub fn egress_settings(&self) -> EgressSettings {
+        let e = &self.egress;
+        let d = EgressSettings::default();
+        EgressSettings {
+            policy: EgressPolicy::new(e.policy.clone()),
+            hosts: e.hosts.clone(),
+            max_connections: e.max_connections.unwrap_or(d.max_connections),
+            firewall: e.firewall,
         }
     }
 
@@ -1470,6 +1594,97 @@ format = "xml"
         let m = parse_wss_url("http://user:hunter2@h/").unwrap_err();
         assert!(!m.contains("hunter2"), "{m}");
         assert!(parse_wss_url("not a url").is_err());
+    }
+
+    #[test]
+    fn egress_entries_are_validated_naming_key_and_entry() {
+        let base = GOOD.split("[egress]").next().unwrap();
+        let text = format!(
+            r#"{base}[egress]
+allow = ["registry.opentofu.org:443", "10.20.0.0/16:5432", "*.com", "x:0"]
+deny = ["ok.example", "10.0.0.1/8"]
+max_connections = 0
+firewall = "ufw"
+[egress.hosts]
+"mirror.internal" = "10.1.2.3"
+"10.0.0.9" = "10.0.0.9"
+"bad name" = "10.0.0.1"
+"empty.example" = []
+"twice.example" = ["10.0.0.1", "nope"]
+"#
+        );
+        let issues = issues_of(&text, &[]);
+        let expect = [
+            (
+                "egress.allow[2]",
+                "\"*.com\": a wildcard over the public suffix \"com\"",
+            ),
+            ("egress.allow[3]", "\"x:0\": port"),
+            ("egress.deny[1]", "\"10.0.0.1/8\": host bits are set"),
+            ("egress.max_connections", "must be 1..=65536, got 0"),
+            (
+                "egress.firewall",
+                "expected one of auto | nft | iptables | off",
+            ),
+            ("egress.hosts.\"10.0.0.9\"", "a host name, not an address"),
+            ("egress.hosts.\"bad name\"", "characters"),
+            ("egress.hosts.\"empty.example\"", "at least one address"),
+            (
+                "egress.hosts.\"twice.example\"[1]",
+                "\"nope\" is not an IP address",
+            ),
+        ];
+        for (key, needle) in expect {
+            assert!(has(&issues, key, needle), "{key}: {needle}\n{issues:#?}");
+        }
+        assert_eq!(issues.len(), expect.len(), "{issues:#?}");
+    }
+
+    #[test]
+    fn egress_settings_carry_the_parsed_policy() {
+        let base = GOOD.split("[egress]").next().unwrap();
+        let text = format!(
+            r#"{base}[egress]
+allow = ["registry.opentofu.org", "Mirror.Internal:8443"]
+deny = ["10.0.0.0/8"]
+max_connections = 32
+firewall = "nft"
+hosts = {{ "MIRROR.internal." = ["10.1.2.3", "fd00::3"] }}
+"#
+        );
+        let c = load_text(&text, &[]).unwrap();
+        let s = c.sandbox_settings().egress;
+        let p = s.policy.current();
+        let allow: Vec<String> = p.allow.iter().map(|r| r.to_string()).collect();
+        assert_eq!(allow, ["registry.opentofu.org:443", "mirror.internal:8443"]);
+        assert_eq!(p.deny[0].to_string(), "10.0.0.0/8");
+        assert_eq!(s.max_connections, 32);
+        assert_eq!(s.firewall, FirewallMode::Nft);
+        assert_eq!(
+            s.hosts.get("mirror.internal"),
+            Some(&vec![
+                "10.1.2.3".parse::<IpAddr>().unwrap(),
+                "fd00::3".parse().unwrap()
+            ])
+        );
+        // Defaults: nothing allowed, firewall detected, 256 connections.
+        let c = load_text(base, &[]).unwrap();
+        let s = c.egress_settings();
+        assert!(s.policy.current().allows_nothing());
+        assert_eq!(s.firewall, FirewallMode::Auto);
+        assert_eq!(s.max_connections, 256);
+        // From the environment too.
+        let c = load_text(
+            base,
+            &[("DELEGATE_EGRESS__ALLOW", "a.example, b.example:8443")],
+        )
+        .unwrap();
+        assert_eq!(c.egress_settings().policy.current().allow.len(), 2);
+        let issues = issues_of(base, &[("DELEGATE_EGRESS__DENY", "*.co.uk")]);
+        assert!(
+            has(&issues, "egress.deny[0]", "public suffix"),
+            "{issues:?}"
+        );
     }
 
     #[test]

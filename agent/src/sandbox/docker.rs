@@ -8,6 +8,7 @@
 use super::logs::{Redactor, StreamLog, PARTIAL_FLUSH_AFTER};
 use super::steps::{Step, PLUGIN_CACHE_DIR, WORKDIR};
 use super::{SandboxError, StopReason, StopSignal};
+use crate::egress::rules::Cidr;
 use crate::task_io::{TaskOutput, TaskOutputTx};
 use bollard::container::{
     AttachContainerOptions, Config, CreateContainerOptions, DownloadFromContainerOptions,
@@ -232,22 +233,45 @@ fn is_not_found(e: &bollard::errors::Error) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskNetwork {
     pub name: String,
-    /// Where agent services for the task (state backend, later the egress proxy) listen. Only
-    /// containers on this network reach it.
+    /// Where agent services for the task (state backend, egress proxy) listen. Only containers on
+    /// this network reach it.
     pub gateway: IpAddr,
+    /// The network's IPv4 subnet (the egress proxy accepts the task's credentials only from it).
+    pub subnet: Option<Cidr>,
+    /// The bridge interface on the host (the host firewall rules are bound to it).
+    pub bridge: String,
 }
+
+/// Docker's option naming a bridge network's interface.
+pub const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
 
 pub async fn create_network(
     docker: &Docker,
     name: &str,
     labels: &HashMap<String, String>,
 ) -> Result<TaskNetwork, SandboxError> {
+    create_task_network(docker, name, None, labels).await
+}
+
+/// Create the internal network, on a bridge interface named `bridge` when given (else Docker's
+/// `br-<id>`), and read back its gateway, subnet and bridge.
+pub async fn create_task_network(
+    docker: &Docker,
+    name: &str,
+    bridge: Option<&str>,
+    labels: &HashMap<String, String>,
+) -> Result<TaskNetwork, SandboxError> {
+    let mut options = HashMap::new();
+    if let Some(b) = bridge {
+        options.insert(BRIDGE_NAME_OPTION.to_string(), b.to_string());
+    }
     let opts = CreateNetworkOptions {
         name: name.to_string(),
         check_duplicate: true,
         driver: "bridge".to_string(),
         internal: true,
         labels: labels.clone(),
+        options,
         ..Default::default()
     };
     docker
@@ -258,19 +282,72 @@ pub async fn create_network(
         .inspect_network(name, None::<InspectNetworkOptions<String>>)
         .await
         .map_err(docker_err("inspect network"))?;
-    let gateway = net
-        .ipam
-        .and_then(|i| i.config)
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|c| c.gateway)
-        .filter_map(|g| g.parse::<IpAddr>().ok())
-        .find(IpAddr::is_ipv4)
+    let configs = net.ipam.and_then(|i| i.config).unwrap_or_default();
+    let (gateway, subnet) = configs
+        .iter()
+        .filter_map(|c| {
+            let g = c.gateway.as_deref()?.parse::<IpAddr>().ok()?;
+            let s = c.subnet.as_deref().and_then(|s| s.parse::<Cidr>().ok());
+            Some((g, s))
+        })
+        .find(|(g, _)| g.is_ipv4())
         .ok_or_else(|| SandboxError::NoGateway(name.to_string()))?;
+    let bridge = net
+        .options
+        .as_ref()
+        .and_then(|o| o.get(BRIDGE_NAME_OPTION).cloned())
+        .or_else(|| {
+            net.id
+                .as_deref()
+                .map(|id| format!("br-{}", &id[..id.len().min(12)]))
+        })
+        .unwrap_or_default();
     Ok(TaskNetwork {
         name: name.to_string(),
         gateway,
+        subnet,
+        bridge,
     })
+}
+
+/// The subnets of every Docker network on this engine (the egress proxy refuses them unless a
+/// rule explicitly allows one).
+pub async fn network_subnets(docker: &Docker) -> Result<Vec<Cidr>, SandboxError> {
+    let networks = docker
+        .list_networks(None::<ListNetworksOptions<String>>)
+        .await
+        .map_err(docker_err("list networks"))?;
+    let mut out = Vec::new();
+    for n in networks {
+        for c in n.ipam.and_then(|i| i.config).unwrap_or_default() {
+            if let Some(net) = c.subnet.as_deref().and_then(|s| s.parse::<Cidr>().ok()) {
+                if !out.contains(&net) {
+                    out.push(net);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The bridge interfaces of this agent's task networks matching `labels`, with the task each
+/// belongs to (for removing firewall rules of networks a previous run left behind).
+pub async fn task_bridges(
+    docker: &Docker,
+    labels: &[String],
+) -> Result<Vec<(HashMap<String, String>, String)>, SandboxError> {
+    let filters = HashMap::from([("label".to_string(), labels.to_vec())]);
+    let networks = docker
+        .list_networks(Some(ListNetworksOptions { filters }))
+        .await
+        .map_err(docker_err("list networks"))?;
+    Ok(networks
+        .into_iter()
+        .filter_map(|n| {
+            let bridge = n.options.as_ref()?.get(BRIDGE_NAME_OPTION)?.clone();
+            Some((n.labels.unwrap_or_default(), bridge))
+        })
+        .collect())
 }
 
 pub async fn create_volume(

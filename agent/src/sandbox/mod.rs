@@ -22,17 +22,22 @@
 pub mod archive;
 pub mod backend;
 pub mod docker;
+pub mod egress_wiring;
 mod hcl;
 pub mod image;
 pub mod logs;
 pub mod steps;
 
+use crate::egress::firewall;
 use crate::task_io::{TaskInputs, TaskOutput, TaskOutputTx, TaskResult};
 use archive::{ArchiveError, Limits};
 use backend::{BackendError, Credentials, StateServer};
 use bollard::Docker;
 use delegate_protocol::{ChunkKind, LogStream, Op, Outcome, Summary};
 use docker::{StepContainer, StepFailure, StepRun};
+use egress_wiring::{
+    EgressError, EgressPlan, EgressPolicy, EgressSettings, FirewallRegistry, TaskEgress,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -104,6 +109,8 @@ pub struct SandboxSettings {
     /// pins (a task cannot plant a provider another task would trust).
     pub plugin_cache: bool,
     pub pool: String,
+    /// The egress allowlist and how it is enforced (`[egress]`).
+    pub egress: EgressSettings,
 }
 
 impl Default for SandboxSettings {
@@ -123,6 +130,7 @@ impl Default for SandboxSettings {
             extra_labels: BTreeMap::new(),
             plugin_cache: false,
             pool: "default".into(),
+            egress: EgressSettings::default(),
         }
     }
 }
@@ -178,6 +186,8 @@ pub enum SandboxError {
     Steps(#[from] StepError),
     #[error(transparent)]
     Backend(#[from] BackendError),
+    #[error(transparent)]
+    Egress(#[from] EgressError),
 }
 
 impl SandboxError {
@@ -191,6 +201,7 @@ impl SandboxError {
             | SandboxError::NoGateway(_)
             | SandboxError::Download(_)
             | SandboxError::Backend(_) => true,
+            SandboxError::Egress(e) => e.is_retryable(),
             SandboxError::ImageMissing { .. }
             | SandboxError::Build(_)
             | SandboxError::Binary { .. }
@@ -336,6 +347,9 @@ struct Inner {
     docker: Docker,
     settings: SandboxSettings,
     agent_id: String,
+    /// How task bridges are isolated from the host; `None` when `egress.firewall = "off"`.
+    firewall: Option<firewall::Backend>,
+    firewalls: FirewallRegistry,
 }
 
 /// The sandbox of one agent. Cheap to clone; tasks run concurrently on clones or shared refs.
@@ -360,13 +374,28 @@ impl Sandbox {
         agent_id: &str,
     ) -> Result<Sandbox, SandboxError> {
         let docker = connect_docker().await?;
+        let firewall = egress_wiring::firewall_backend(settings.egress.firewall).await?;
+        if firewall.is_none() {
+            tracing::warn!(
+                "egress.firewall = \"off\": sandboxes can reach services listening on this host's \
+                 addresses unless the task bridges are isolated some other way"
+            );
+        }
         Ok(Sandbox {
             inner: Arc::new(Inner {
                 docker,
                 settings,
                 agent_id: agent_id.to_string(),
+                firewall,
+                firewalls: FirewallRegistry::default(),
             }),
         })
+    }
+
+    /// The operator's egress policy handle: [`EgressPolicy::replace`] (SIGHUP reload) applies to
+    /// tasks started afterwards; running tasks keep the policy they started with.
+    pub fn egress_policy(&self) -> EgressPolicy {
+        self.inner.settings.egress.policy.clone()
     }
 
     pub fn settings(&self) -> &SandboxSettings {
@@ -397,13 +426,23 @@ impl Sandbox {
     /// `live`. Returns how many were removed.
     pub async fn cleanup_orphans(&self, live: &[uuid::Uuid]) -> Result<usize, SandboxError> {
         let agent = format!("{LABEL_AGENT}={}", self.inner.agent_id);
-        docker::remove_labelled(&self.inner.docker, &[agent], |labels| {
+        let is_live = |labels: &HashMap<String, String>| {
             labels
                 .get(LABEL_TASK)
                 .and_then(|t| uuid::Uuid::parse_str(t).ok())
                 .is_some_and(|t| live.contains(&t))
-        })
-        .await
+        };
+        // Firewall rules of orphaned task bridges go with their networks.
+        if let Some(backend) = self.inner.firewall {
+            for (labels, bridge) in
+                docker::task_bridges(&self.inner.docker, std::slice::from_ref(&agent)).await?
+            {
+                if !is_live(&labels) {
+                    FirewallRegistry::release_bridge(backend, &bridge).await;
+                }
+            }
+        }
+        docker::remove_labelled(&self.inner.docker, &[agent], is_live).await
     }
 
     /// Run the whole task. Never panics: every failure is a [`TaskResult`] with outcome `Failed`
@@ -496,6 +535,8 @@ impl Inner {
     }
 
     async fn remove_task_objects(&self, task: uuid::Uuid) {
+        // The firewall rules first, the network (and its bridge) after.
+        self.firewalls.release(task).await;
         let filter = [
             format!("{LABEL_AGENT}={}", self.agent_id),
             format!("{LABEL_TASK}={task}"),
@@ -514,10 +555,17 @@ impl Inner {
         touched: Arc<AtomicBool>,
     ) -> TaskResult {
         let mut summary = Summary::default();
-        match self
-            .execute(inputs, &out, &stop, &touched, &mut summary)
-            .await
-        {
+        let mut egress = None;
+        let result = self
+            .execute(inputs, &out, &stop, &touched, &mut summary, &mut egress)
+            .await;
+        // Whatever the outcome: revoke the credentials, stop the proxy and deliver its last
+        // records before the task's result. The firewall rules and the network go afterwards,
+        // in `remove_task_objects`.
+        if let Some(e) = egress {
+            e.finish().await;
+        }
+        match result {
             Ok(()) => TaskResult {
                 outcome: Outcome::Succeeded,
                 reason: None,
@@ -548,6 +596,7 @@ impl Inner {
         stop: &StopSignal,
         touched: &AtomicBool,
         summary: &mut Summary,
+        egress_slot: &mut Option<TaskEgress>,
     ) -> Result<(), Ended> {
         let TaskInputs {
             spec,
@@ -576,6 +625,8 @@ impl Inner {
                 )));
             }
         }
+        egress_wiring::check_task_env(spec.env.keys().chain(spec.secrets.0.keys()))
+            .map_err(Ended::failed)?;
         let default_backend = spec.op != Op::Validate && !ws.declares_backend;
         let plugin_cache = settings.plugin_cache && ws.has_lock_file;
         let placeholder = BackendEnv {
@@ -617,9 +668,11 @@ impl Inner {
             })
             .await?;
         let fail = |e: SandboxError| Ended::failed(e.to_string());
-        let net = docker::create_network(d, &docker::network_name(task), &labels)
-            .await
-            .map_err(fail)?;
+        let bridge = egress_wiring::bridge_name(task);
+        let net =
+            docker::create_task_network(d, &docker::network_name(task), Some(&bridge), &labels)
+                .await
+                .map_err(fail)?;
         let volume = docker::volume_name(task);
         docker::create_volume(d, &volume, &labels)
             .await
@@ -656,7 +709,57 @@ impl Inner {
                 .await?;
         }
 
-        // 4. The workspace into the volume.
+        // 4. Egress: the task's proxy on the gateway, and the host firewall rules of its bridge,
+        //    before any container can start on the network.
+        let mut task_secrets: Vec<Vec<u8>> = spec
+            .secrets
+            .0
+            .values()
+            .map(|v| v.as_bytes().to_vec())
+            .collect();
+        if let Some(b) = &backend_env {
+            task_secrets.push(b.password.as_bytes().to_vec());
+        }
+        let mut protected = crate::egress::local::host_addresses()
+            .map_err(|e| fail(EgressError::HostAddresses(e).into()))?;
+        protected.extend(docker::network_subnets(d).await.map_err(fail)?);
+        let operator = settings.egress.policy.current();
+        let mut started = TaskEgress::start(
+            EgressPlan {
+                task,
+                operator,
+                requested: &spec.egress,
+                gateway: net.gateway,
+                subnet: net.subnet,
+                bridge: &net.bridge,
+                backend_port: _server.as_ref().map(|s| s.addr().port()),
+                protected,
+            },
+            &settings.egress,
+            self.firewall.map(|b| (&self.firewalls, b)),
+            out.clone(),
+            task_secrets,
+        )
+        .await
+        .map_err(|e| fail(e.into()))?;
+        let egress_env = started.env.clone();
+        let egress_password = started.password.clone();
+        let refused = std::mem::take(&mut started.refused);
+        *egress_slot = Some(started);
+        for (entry, why) in refused {
+            let text = format!("egress entry {entry:?} not granted: {why}");
+            send(
+                out,
+                TaskOutput::Event(delegate_protocol::EventKind::Notice {
+                    level: "warn".into(),
+                    text: bounded(text.clone()),
+                }),
+            )
+            .await?;
+            self.system_line(out, &text).await?;
+        }
+
+        // 5. The workspace into the volume.
         let mut tars = vec![ws_tar];
         if cache_volume.is_some() {
             tars.push(
@@ -677,9 +780,10 @@ impl Inner {
         )
         .await?;
 
-        // 5. The steps.
-        let env = steps::build_env(&spec, backend_env.as_ref(), plugin_cache)
+        // 6. The steps.
+        let mut env = steps::build_env(&spec, backend_env.as_ref(), plugin_cache)
             .map_err(|e| Ended::failed(e.to_string()))?;
+        env.extend(egress_env);
         let mut secrets: Vec<Vec<u8>> = spec
             .secrets
             .0
@@ -689,6 +793,7 @@ impl Inner {
         if let Some(b) = &backend_env {
             secrets.push(b.password.as_bytes().to_vec());
         }
+        secrets.push(egress_password.into_bytes());
         let resources = docker::Resources {
             memory_bytes: settings.memory_bytes,
             nano_cpus: settings.nano_cpus,
