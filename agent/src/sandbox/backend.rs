@@ -222,6 +222,39 @@ async fn read_body(mut body: Incoming, max: usize) -> Result<Vec<u8>, StatusCode
 struct Shared {
     auth: AuthCheck,
     out: TaskOutputTx,
+    /// The last lock holder named in the task log, so a tofu retrying with `-lock-timeout` does
+    /// not repeat the same line on every attempt.
+    last_holder: std::sync::Mutex<Option<String>>,
+}
+
+/// A line for the task log naming who holds the workspace lock, from the lock JSON the control
+/// plane answers a refused LOCK with. tofu itself prints only the holder's ID.
+pub(crate) fn lock_holder_line(body: &[u8]) -> Option<(String, String)> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let field = |k: &str| {
+        v.get(k)
+            .and_then(|x| x.as_str())
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.chars()
+                    .filter(|c| !c.is_control())
+                    .take(200)
+                    .collect::<String>()
+            })
+    };
+    let id = field("ID")?;
+    let mut line = format!("delegate: the workspace state is locked by ID={id}");
+    for (label, key) in [
+        ("who", "Who"),
+        ("operation", "Operation"),
+        ("since", "Created"),
+    ] {
+        if let Some(val) = field(key) {
+            line.push_str(&format!(" {label}={val}"));
+        }
+    }
+    line.push('\n');
+    Some((id, line))
 }
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Full>, Infallible> {
@@ -269,6 +302,25 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     match rx.await {
         Ok(reply) => {
             let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::BAD_GATEWAY);
+            if matches!(reply.status, 409 | 423) {
+                if let Some((id, line)) = lock_holder_line(&reply.body) {
+                    let fresh = {
+                        let mut last = shared.last_holder.lock().unwrap_or_else(|p| p.into_inner());
+                        let fresh = last.as_deref() != Some(id.as_str());
+                        *last = Some(id);
+                        fresh
+                    };
+                    if fresh {
+                        let _ = shared
+                            .out
+                            .send(TaskOutput::Log {
+                                stream: delegate_protocol::LogStream::System,
+                                data: Bytes::from(line),
+                            })
+                            .await;
+                    }
+                }
+            }
             Ok(respond(status, reply.body))
         }
         Err(_) => Ok(respond(
@@ -299,6 +351,7 @@ impl StateServer {
             .local_addr()
             .map_err(|source| BackendError::Bind { addr: ip, source })?;
         let shared = Arc::new(Shared {
+            last_holder: std::sync::Mutex::new(None),
             auth: AuthCheck::new(creds),
             out,
         });
@@ -346,6 +399,19 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn lock_holder_line_names_the_holder_without_control_characters() {
+        let body = br#"{"ID":"abc-1","Who":"alice@ci\u001b[2J","Operation":"OperationTypeApply","Created":"2026-11-25T00:00:00Z"}"#;
+        let (id, line) = super::lock_holder_line(body).unwrap();
+        assert_eq!(id, "abc-1");
+        assert!(line.contains("ID=abc-1"));
+        assert!(line.contains("who=alice@ci[2J"), "{line}");
+        assert!(line.contains("operation=OperationTypeApply"));
+        assert!(!line.contains('\u{1b}'));
+        assert!(super::lock_holder_line(b"not json").is_none());
+        assert!(super::lock_holder_line(br#"{"Who":"no id"}"#).is_none());
+    }
     use super::*;
 
     #[test]
