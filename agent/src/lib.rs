@@ -20,3 +20,6 @@ pub mod tasks;
 pub mod tls;
 pub mod egress;
 pub mod redact;
+pub mod notify;
+pub mod renew;
+pub mod metrics;

@@ -139,9 +139,60 @@ pub fn client_config(
     key_file: &Path,
     spki_pin: Option<[u8; 32]>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    let roots = Arc::new(load_ca(ca_file)?);
+    let roots = load_ca(ca_file)?;
     let chain = load_cert_chain(cert_file)?;
     let key = load_private_key(key_file)?;
+    client_config_from_parts(roots, chain, key, spki_pin, cert_file, key_file)
+}
+
+/// Parse a PEM CA bundle held in memory (e.g. from a renewal answer); `path` names where it will
+/// be written, for messages.
+pub fn parse_ca_pem(pem: &[u8], path: &Path) -> Result<RootCertStore, TlsError> {
+    let err = |reason: String| TlsError::Ca {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut store = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| err(format!("not valid PEM: {e}")))?;
+        store
+            .add(cert)
+            .map_err(|e| err(format!("not a usable CA certificate: {e}")))?;
+    }
+    if store.is_empty() {
+        return Err(err("no PEM certificate found".into()));
+    }
+    Ok(store)
+}
+
+/// Parse a PEM certificate chain held in memory; `path` names where it will be written.
+pub fn parse_cert_pem(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let err = |reason: String| TlsError::Cert {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let chain = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(format!("not valid PEM: {e}")))?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| err("no PEM certificate found".into()))?;
+    x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| err(format!("not a valid X.509 certificate: {e}")))?;
+    Ok(chain)
+}
+
+/// As [`client_config`], from parts already read. `cert_file` and `key_file` name the files in
+/// messages.
+pub fn client_config_from_parts(
+    roots: RootCertStore,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    spki_pin: Option<[u8; 32]>,
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let roots = Arc::new(roots);
     let provider = provider();
     let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
         .build()
@@ -167,6 +218,83 @@ pub fn client_config(
             },
         })?;
     Ok(Arc::new(config))
+}
+
+/// The client configuration the next connection uses. Cheap to clone; every clone sees a
+/// [`TlsHandle::replace`] (certificate reload or renewal). A connection already up keeps the
+/// configuration it was made with.
+#[derive(Clone)]
+pub struct TlsHandle {
+    current: Arc<std::sync::RwLock<Arc<ClientConfig>>>,
+}
+
+impl TlsHandle {
+    pub fn new(config: Arc<ClientConfig>) -> TlsHandle {
+        TlsHandle {
+            current: Arc::new(std::sync::RwLock::new(config)),
+        }
+    }
+
+    /// The configuration for a new connection.
+    pub fn current(&self) -> Arc<ClientConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Use `config` from the next connection on.
+    pub fn replace(&self, config: Arc<ClientConfig>) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = config;
+    }
+}
+
+impl From<Arc<ClientConfig>> for TlsHandle {
+    fn from(config: Arc<ClientConfig>) -> TlsHandle {
+        TlsHandle::new(config)
+    }
+}
+
+impl std::fmt::Debug for TlsHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsHandle")
+    }
+}
+
+/// Validity window of a certificate, as system times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CertValidity {
+    pub not_before: std::time::SystemTime,
+    pub not_after: std::time::SystemTime,
+}
+
+/// Read the validity window of a DER certificate.
+pub fn cert_validity(cert: &CertificateDer<'_>) -> Result<CertValidity, String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| format!("not a valid X.509 certificate: {e}"))?;
+    let v = parsed.validity();
+    let at = |t: i64| {
+        if t >= 0 {
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(t as u64)
+        } else {
+            std::time::UNIX_EPOCH
+        }
+    };
+    Ok(CertValidity {
+        not_before: at(v.not_before.timestamp()),
+        not_after: at(v.not_after.timestamp()),
+    })
+}
+
+/// SHA-256 of a whole DER certificate (what `--ca-sha256` pins).
+pub fn cert_sha256(cert: &CertificateDer<'_>) -> [u8; 32] {
+    let d = digest::digest(&digest::SHA256, cert.as_ref());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
 }
 
 /// Full WebPKI verification against the configured roots first, then the SPKI pin of the
@@ -233,6 +361,124 @@ impl ServerCertVerifier for PinnedServerVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+/// Trust on a pinned CA hash, for enrollment (no CA file yet): the server must present, in its
+/// chain, a certificate whose SHA-256 (of the DER) equals the pin; that certificate becomes the
+/// only root and the server certificate is verified against it by WebPKI (chain, validity, name).
+#[derive(Debug)]
+pub struct CaPinnedVerifier {
+    pin: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl CaPinnedVerifier {
+    pub fn new(pin: [u8; 32]) -> Self {
+        CaPinnedVerifier {
+            pin,
+            provider: provider(),
+        }
+    }
+}
+
+impl ServerCertVerifier for CaPinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(pos) = intermediates
+            .iter()
+            .position(|c| cert_sha256(c) == self.pin)
+        else {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(CaPinMismatch {
+                    presented: intermediates
+                        .iter()
+                        .map(|c| hex::encode(cert_sha256(c)))
+                        .collect(),
+                }))),
+            ));
+        };
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(intermediates[pos].clone().into_owned())
+            .map_err(|_| {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+            })?;
+        let rest: Vec<CertificateDer<'_>> = intermediates
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != pos)
+            .map(|(_, c)| c.clone())
+            .collect();
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, &rest, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// TLS 1.3 client configuration trusting only the CA whose hash is `pin` (enrollment).
+pub fn ca_pinned_client_config(pin: [u8; 32]) -> Result<ClientConfig, TlsError> {
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(CaPinnedVerifier::new(pin)))
+        .with_no_client_auth();
+    Ok(config)
+}
+
+/// The message of a pinned-CA failure (shown through rustls' `Debug`).
+#[derive(Error)]
+#[error("the server presented no CA certificate with the pinned sha256 (--ca-sha256); it presented {} other certificate(s){}", presented.len(), if presented.is_empty() { String::new() } else { format!(" with sha256 {}", presented.join(", ")) })]
+struct CaPinMismatch {
+    presented: Vec<String>,
+}
+
+impl std::fmt::Debug for CaPinMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
     }
 }
 
@@ -462,6 +708,80 @@ mod tests {
         assert!(ok
             .verify_server_cert(&der, &[], &other_name, &[], UnixTime::now())
             .is_err());
+    }
+
+    #[tokio::test]
+    async fn ca_pinned_config_accepts_the_pinned_ca_only_when_presented() {
+        let pki = Pki::new();
+        let (server_cert, server_key) = pki.leaf(&["localhost"]);
+        let serve = |chain: Vec<CertificateDer<'static>>| {
+            let key = PrivateKeyDer::try_from(server_key.serialize_der()).unwrap();
+            Arc::new(
+                rustls::ServerConfig::builder_with_provider(provider())
+                    .with_protocol_versions(&[&rustls::version::TLS13])
+                    .unwrap()
+                    .with_no_client_auth()
+                    .with_single_cert(chain, key)
+                    .unwrap(),
+            )
+        };
+        let connect = |server: Arc<rustls::ServerConfig>, pin: [u8; 32]| async move {
+            let (a, b) = tokio::io::duplex(64 * 1024);
+            let acceptor = tokio_rustls::TlsAcceptor::from(server);
+            let t = tokio::spawn(async move { acceptor.accept(b).await.map(|_| ()) });
+            let client = Arc::new(ca_pinned_client_config(pin).unwrap());
+            let r = tokio_rustls::TlsConnector::from(client)
+                .connect(ServerName::try_from("localhost").unwrap(), a)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            let _ = t.await;
+            r
+        };
+        let ca_der = pki.ca_cert.der().clone();
+        let pin = cert_sha256(&ca_der);
+        let with_ca = serve(vec![server_cert.der().clone(), ca_der.clone()]);
+        assert_eq!(connect(with_ca.clone(), pin).await, Ok(()));
+        // Another hash: refused, naming what was presented.
+        let e = connect(with_ca, [1u8; 32]).await.unwrap_err();
+        assert!(
+            e.contains("--ca-sha256") && e.contains(&hex::encode(pin)),
+            "{e}"
+        );
+        // No CA in the chain: refused.
+        let leaf_only = serve(vec![server_cert.der().clone()]);
+        let e = connect(leaf_only, pin).await.unwrap_err();
+        assert!(e.contains("--ca-sha256"), "{e}");
+        // A server of another CA that appends the pinned CA to its chain is still refused.
+        let other = Pki::named("another CA");
+        let (foreign, foreign_key) = other.leaf(&["localhost"]);
+        let server = Arc::new(
+            rustls::ServerConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![foreign.der().clone(), ca_der],
+                    PrivateKeyDer::try_from(foreign_key.serialize_der()).unwrap(),
+                )
+                .unwrap(),
+        );
+        assert!(connect(server, pin).await.is_err());
+    }
+
+    #[test]
+    fn validity_window_is_read() {
+        let pki = Pki::new();
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec!["v".to_string()]).unwrap();
+        p.not_before = rcgen::date_time_ymd(2030, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2030, 1, 4);
+        let cert = p.signed_by(&key, &pki.ca_cert, &pki.ca_key).unwrap();
+        let v = cert_validity(cert.der()).unwrap();
+        assert_eq!(
+            v.not_after.duration_since(v.not_before).unwrap(),
+            std::time::Duration::from_secs(3 * 86400)
+        );
     }
 
     #[test]

@@ -10,22 +10,29 @@
 //! Must never: crash or stop reconnecting on anything the peer sends, block the frame loop on a
 //! write (a writer task owns the sink, so a blackholed peer is still detected by the timer), log
 //! task output or secrets, or flood the agent's log with the peer's bad frames (rate-limited).
+//!
+//! Certificates: every connection attempt takes the TLS configuration current at that moment from
+//! the [`TlsHandle`], so a reload (SIGHUP) or a renewal is used by the next connection while the
+//! current one stays up. With a [`Renewer`], a welcomed connection sends `renew_request` when the
+//! certificate reaches about two thirds of its life and installs the `renew_response` off the
+//! frame loop (a blocking task), retrying on the renewal schedule if no answer comes.
 
 pub mod liveness;
 pub mod machine;
 
 use crate::config::Endpoint;
+use crate::renew::Renewer;
 use crate::tasks::{TaskManager, WireFrame};
+use crate::tls::TlsHandle;
 use delegate_protocol::{
     decode_binary, decode_text, encode_text, limits, ErrorCode, ErrorMsg, Heartbeat, Hello,
-    Message, Welcome, SUPPORTED_VERSIONS,
+    Message, RenewRequest, RenewResponse, Welcome, SUPPORTED_VERSIONS,
 };
 use futures_util::{SinkExt, StreamExt};
 use liveness::{Liveness, RateLimit};
 use machine::{Backoff, LinkEvent, LinkState, Policy};
 use rustls::pki_types::ServerName;
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 use tokio::net::TcpStream;
@@ -82,7 +89,12 @@ impl LinkError {
 #[derive(Clone)]
 pub struct LinkSettings {
     pub endpoint: Endpoint,
-    pub tls: Arc<rustls::ClientConfig>,
+    /// The client configuration; each connection attempt takes the current one.
+    pub tls: TlsHandle,
+    /// Renew the client certificate over the link; `None`: never.
+    pub renewer: Option<Renewer>,
+    /// How long to wait for `renew_response` before trying again on the renewal schedule.
+    pub renew_timeout: Duration,
     pub backoff: Backoff,
     pub connect_timeout: Duration,
     /// A connection that lasted this long resets the backoff.
@@ -96,10 +108,12 @@ pub struct LinkSettings {
 }
 
 impl LinkSettings {
-    pub fn new(endpoint: Endpoint, tls: Arc<rustls::ClientConfig>, name: String) -> Self {
+    pub fn new(endpoint: Endpoint, tls: impl Into<TlsHandle>, name: String) -> Self {
         LinkSettings {
             endpoint,
-            tls,
+            tls: tls.into(),
+            renewer: None,
+            renew_timeout: Duration::from_secs(300),
             backoff: Backoff {
                 initial: Duration::from_millis(500),
                 max: Duration::from_secs(30),
@@ -126,6 +140,10 @@ pub struct LinkStatus {
     /// Why the last attempt failed or the last connection ended (kept while the next attempt
     /// runs).
     pub last_error: Option<String>,
+    /// Certificates renewed over the link since start.
+    pub renewals: u64,
+    /// Why the last renewal attempt failed, if it did (cleared by a successful one).
+    pub renew_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,6 +182,8 @@ impl Link {
             connections: 0,
             failures: 0,
             last_error: None,
+            renewals: 0,
+            renew_error: None,
         });
         Link {
             settings,
@@ -251,7 +271,8 @@ impl Link {
                                 interval,
                                 &self.tasks,
                                 &stop,
-                                self.settings.close_timeout,
+                                &self.settings,
+                                &self.status,
                             )
                             .await;
                             self.tasks.on_disconnected();
@@ -334,7 +355,7 @@ async fn connect(settings: &LinkSettings, tasks: &TaskManager) -> Result<(Ws, We
         addr: addr.clone(),
         reason: format!("invalid server name {:?}: {e}", ep.host),
     })?;
-    let tls = tokio_rustls::TlsConnector::from(settings.tls.clone())
+    let tls = tokio_rustls::TlsConnector::from(settings.tls.current())
         .connect(server_name, tcp)
         .await
         .map_err(|e| LinkError::Tls {
@@ -468,6 +489,163 @@ async fn writer(
     Ok(())
 }
 
+/// Renewal within one connection: when to ask next, and an install under way.
+struct Renewal<'a> {
+    renewer: Option<&'a Renewer>,
+    name: &'a str,
+    timeout: Duration,
+    /// Attempts that failed or got no answer (on this connection).
+    failures: u32,
+    next: Option<Instant>,
+    awaiting: bool,
+    installing: Option<tokio::task::JoinHandle<Result<crate::renew::Installed, String>>>,
+}
+
+impl<'a> Renewal<'a> {
+    fn new(settings: &'a LinkSettings) -> Self {
+        let mut r = Renewal {
+            renewer: settings.renewer.as_ref(),
+            name: &settings.name,
+            timeout: settings.renew_timeout,
+            failures: 0,
+            next: None,
+            awaiting: false,
+            installing: None,
+        };
+        r.schedule();
+        r
+    }
+
+    /// Plan the next attempt from the certificate on disk.
+    fn schedule(&mut self) {
+        let Some(renewer) = self.renewer else {
+            return;
+        };
+        match renewer.wait(std::time::SystemTime::now(), self.failures) {
+            Ok(wait) => {
+                // Far-future waits are capped so a sleeping laptop or a changed clock is noticed.
+                let wait = wait.min(Duration::from_secs(6 * 3600));
+                self.next = Some(Instant::now() + wait);
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read the client certificate to plan its renewal");
+                self.next = Some(Instant::now() + Duration::from_secs(3600));
+            }
+        }
+    }
+
+    /// The timer fired: either send a request, or the last one went unanswered.
+    fn fire(&mut self, control: &mut VecDeque<WsMessage>, status: &watch::Sender<LinkStatus>) {
+        let Some(renewer) = self.renewer else {
+            self.next = None;
+            return;
+        };
+        if self.awaiting {
+            self.awaiting = false;
+            self.failures = self.failures.saturating_add(1);
+            let msg = format!(
+                "no renew_response within {}",
+                humantime::format_duration(self.timeout)
+            );
+            warn!(error = %msg, "certificate renewal: will try again");
+            status.send_modify(|s| s.renew_error = Some(msg));
+            self.schedule();
+            return;
+        }
+        // Re-check against the file: a reload may have installed a fresh certificate meanwhile.
+        match renewer.wait(std::time::SystemTime::now(), self.failures) {
+            Ok(w) if !w.is_zero() && self.failures == 0 => {
+                self.next = Some(Instant::now() + w.min(Duration::from_secs(6 * 3600)));
+                return;
+            }
+            _ => {}
+        }
+        match renewer.csr_pem(self.name) {
+            Ok(csr_pem) => {
+                info!("client certificate due for renewal: sending renew_request");
+                control.push_back(WsMessage::Text(
+                    encode_text(&Message::RenewRequest(RenewRequest { csr_pem })).into(),
+                ));
+                self.awaiting = true;
+                self.next = Some(Instant::now() + self.timeout);
+            }
+            Err(e) => {
+                self.failures = self.failures.saturating_add(1);
+                warn!(error = %e, "certificate renewal: cannot make a CSR");
+                status.send_modify(|s| s.renew_error = Some(e.to_string()));
+                self.schedule();
+            }
+        }
+    }
+
+    /// A `renew_response` arrived: install it off the frame loop.
+    fn answer(&mut self, resp: RenewResponse) {
+        let Some(renewer) = self.renewer else {
+            warn!("renew_response received but this agent does not renew; ignored");
+            return;
+        };
+        if self.installing.is_some() {
+            warn!("renew_response received while another is being installed; ignored");
+            return;
+        }
+        self.awaiting = false;
+        self.next = None;
+        let renewer = renewer.clone();
+        self.installing = Some(tokio::task::spawn_blocking(move || {
+            renewer
+                .install(&resp, std::time::SystemTime::now())
+                .map_err(|e| e.to_string())
+        }));
+    }
+
+    /// The install finished.
+    fn installed(
+        &mut self,
+        result: Result<Result<crate::renew::Installed, String>, tokio::task::JoinError>,
+        status: &watch::Sender<LinkStatus>,
+    ) {
+        self.installing = None;
+        match result {
+            Ok(Ok(done)) => {
+                let until = humantime::format_rfc3339_seconds(done.validity.not_after);
+                info!(valid_until = %until, ca_replaced = done.ca_replaced, "client certificate renewed; the next connection uses it");
+                self.failures = 0;
+                status.send_modify(|s| {
+                    s.renewals += 1;
+                    s.renew_error = None;
+                });
+            }
+            Ok(Err(e)) => {
+                self.failures = self.failures.saturating_add(1);
+                warn!(error = %e, "certificate renewal: the answer was refused; keeping the current certificate");
+                status.send_modify(|s| s.renew_error = Some(e));
+            }
+            Err(e) => {
+                self.failures = self.failures.saturating_add(1);
+                error!(error = %e, "certificate renewal: install task failed");
+                status.send_modify(|s| s.renew_error = Some(e.to_string()));
+            }
+        }
+        self.schedule();
+    }
+}
+
+async fn join_install(
+    h: &mut Option<tokio::task::JoinHandle<Result<crate::renew::Installed, String>>>,
+) -> Result<Result<crate::renew::Installed, String>, tokio::task::JoinError> {
+    match h {
+        Some(h) => h.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The frame loop of one welcomed connection.
 async fn session(
     ws: Ws,
@@ -475,8 +653,11 @@ async fn session(
     interval: Duration,
     tasks: &TaskManager,
     stop: &CancellationToken,
-    close_timeout: Duration,
+    settings: &LinkSettings,
+    status: &watch::Sender<LinkStatus>,
 ) -> Result<SessionEnd, LinkError> {
+    let close_timeout = settings.close_timeout;
+    let mut renewal = Renewal::new(settings);
     tasks.on_connected(&welcome.resume);
     let (sink, mut stream) = ws.split();
     let (wtx, wrx) = mpsc::channel::<WsMessage>(WRITE_QUEUE);
@@ -505,6 +686,8 @@ async fn session(
             biased;
             _ = stop.cancelled() => break Ok(SessionEnd::Stopped),
             _ = tokio::time::sleep_until(live.next_wakeup()) => {}
+            _ = sleep_until_opt(renewal.next) => renewal.fire(&mut control, status),
+            r = join_install(&mut renewal.installing) => renewal.installed(r, status),
             frame = stream.next() => {
                 live.received(Instant::now());
                 match frame {
@@ -512,6 +695,7 @@ async fn session(
                     Some(Err(e)) => break Err(LinkError::Io(e.to_string())),
                     Some(Ok(WsMessage::Close(f))) => break Err(LinkError::Closed(close_reason(f.as_ref()))),
                     Some(Ok(WsMessage::Text(t))) => match decode_text(t.as_str()) {
+                        Ok(Message::RenewResponse(r)) => renewal.answer(r),
                         Ok(msg) => handle_control(msg, tasks, &mut control, &mut peer_errors),
                         Err(e) => refuse_frame(e, &mut control, &mut bad_frames),
                     },
