@@ -810,6 +810,28 @@ mod firewall_lab {
                     "{backend:?}: the proxy port only on the gateway IP"
                 );
             }
+            // nft remembers what was refused, for the audit trail; iptables does not.
+            let rejected = firewall::rejected(backend, &iso).await.unwrap();
+            if backend == Backend::Nft {
+                let want = firewall::Rejected {
+                    addr: gw,
+                    protocol: "tcp".into(),
+                    port: service,
+                };
+                assert!(rejected.contains(&want), "{rejected:?}");
+                assert!(
+                    !rejected.iter().any(|r| r.addr == gw && r.port == proxy),
+                    "the allowed port is not a rejection: {rejected:?}"
+                );
+                if let Some(o) = other {
+                    assert!(
+                        rejected.iter().any(|r| r.addr == o && r.port == proxy),
+                        "{rejected:?}"
+                    );
+                }
+            } else {
+                assert!(rejected.is_empty());
+            }
             firewall::remove(backend, &iso).await.unwrap();
             firewall::remove(backend, &iso).await.unwrap(); // idempotent
             assert!(

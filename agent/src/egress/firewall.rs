@@ -16,11 +16,17 @@
 //! Traffic refused is *rejected* (TCP reset, ICMP administratively prohibited), so a sandbox fails
 //! fast with a clear error instead of hanging.
 //!
+//! With nftables, each distinct TCP/UDP destination (address, protocol, port) a sandbox tried on
+//! the host before being rejected is also remembered in the table's sets `rejected4`/`rejected6`
+//! (at most [`MAX_REJECTED`] each; past that, packets are still rejected, only not remembered), so
+//! the agent can audit those attempts ([`rejected`]). The iptables rendering keeps no such record.
+//!
 //! [`apply`] and [`remove`] shell out to `nft` or `iptables`/`ip6tables`; they need root or
 //! `CAP_NET_ADMIN` and say so plainly when they do not have it. [`remove`] is idempotent.
 
 use std::net::IpAddr;
 use std::process::Stdio;
+use std::str::FromStr;
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
@@ -37,6 +43,18 @@ pub struct Isolation {
     pub proxy_port: u16,
     /// The agent's state backend, when the task uses the default backend.
     pub backend_port: Option<u16>,
+}
+
+/// Most distinct rejected destinations remembered per bridge and address family.
+pub const MAX_REJECTED: usize = 256;
+
+/// A destination on the host that a sandbox tried to reach directly and was refused.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Rejected {
+    pub addr: IpAddr,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    pub port: u16,
 }
 
 /// Which tool applies the rules.
@@ -119,9 +137,13 @@ pub fn render_nft(iso: &Isolation) -> String {
         "table inet {table}\n\
          delete table inet {table}\n\
          table inet {table} {{\n\
+         \tset rejected4 {{ type ipv4_addr . inet_proto . inet_service; size {MAX_REJECTED}; flags dynamic; }}\n\
+         \tset rejected6 {{ type ipv6_addr . inet_proto . inet_service; size {MAX_REJECTED}; flags dynamic; }}\n\
          \tchain input {{\n\
          \t\ttype filter hook input priority -10; policy accept;\n\
          \t\tiifname \"{br}\" {family} daddr {gw} tcp dport {{ {ports} }} accept\n\
+         \t\tiifname \"{br}\" meta l4proto {{ tcp, udp }} add @rejected4 {{ ip daddr . meta l4proto . th dport }}\n\
+         \t\tiifname \"{br}\" meta l4proto {{ tcp, udp }} add @rejected6 {{ ip6 daddr . meta l4proto . th dport }}\n\
          \t\tiifname \"{br}\" meta l4proto tcp reject with tcp reset\n\
          \t\tiifname \"{br}\" reject with icmpx type admin-prohibited\n\
          \t}}\n\
@@ -144,6 +166,57 @@ pub fn render_nft_remove(iso: &Isolation) -> Vec<String> {
         "inet".into(),
         iso.nft_table(),
     ]
+}
+
+/// The nft commands that list this bridge's remembered rejections (one per address family).
+pub fn render_nft_list_rejected(iso: &Isolation) -> [Vec<String>; 2] {
+    let table = iso.nft_table();
+    ["rejected4", "rejected6"].map(|set| {
+        ["-j", "list", "set", "inet", &table, set]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    })
+}
+
+/// The elements of `nft -j list set` output. Anything unexpected is skipped, never a panic.
+pub fn parse_nft_rejected(json: &str) -> Vec<Rejected> {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for item in v["nftables"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        for elem in item["set"]["elem"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            // Plain `{"concat": [...]}`, or wrapped as `{"elem": {"val": {"concat": [...]}}}`.
+            let concat = elem
+                .get("concat")
+                .or_else(|| elem.pointer("/elem/val/concat"));
+            let Some([addr, proto, port]) = concat.and_then(|c| c.as_array()).map(Vec::as_slice)
+            else {
+                continue;
+            };
+            let addr = addr.as_str().and_then(|a| IpAddr::from_str(a).ok());
+            let protocol = proto.as_str().filter(|p| matches!(*p, "tcp" | "udp"));
+            let port = port.as_u64().and_then(|p| u16::try_from(p).ok());
+            if let (Some(addr), Some(protocol), Some(port)) = (addr, protocol, port) {
+                out.push(Rejected {
+                    addr,
+                    protocol: protocol.to_string(),
+                    port,
+                });
+            }
+        }
+    }
+    out.sort();
+    out
 }
 
 /// `(tool, args)` commands that install the rules with iptables, in order.
@@ -393,6 +466,48 @@ pub async fn remove(backend: Backend, iso: &Isolation) -> Result<(), FirewallErr
     }
 }
 
+/// The destinations on the host a sandbox on this bridge tried to reach directly and was refused
+/// (nft only: with iptables the list is always empty).
+pub async fn rejected(backend: Backend, iso: &Isolation) -> Result<Vec<Rejected>, FirewallError> {
+    iso.validate()?;
+    if backend == Backend::Iptables {
+        return Ok(Vec::new());
+    }
+    let mut all = Vec::new();
+    for args in render_nft_list_rejected(iso) {
+        all.extend(parse_nft_rejected(&run_output("nft", &args).await?));
+    }
+    all.sort();
+    Ok(all)
+}
+
+async fn run_output(tool: &'static str, args: &[String]) -> Result<String, FirewallError> {
+    let out = Command::new(tool)
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => FirewallError::Missing(tool),
+            _ => FirewallError::Failed {
+                command: tool.into(),
+                detail: e.to_string(),
+            },
+        })?;
+    if out.status.success() {
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    Err(FirewallError::Failed {
+        command: format!("{tool} {}", args.join(" ")),
+        detail: String::from_utf8_lossy(&out.stderr)
+            .trim()
+            .chars()
+            .take(500)
+            .collect(),
+    })
+}
+
 async fn run(
     tool: &'static str,
     args: &[String],
@@ -471,9 +586,13 @@ mod tests {
         let want = "table inet delegate_br_0123456789ab
 delete table inet delegate_br_0123456789ab
 table inet delegate_br_0123456789ab {
+\tset rejected4 { type ipv4_addr . inet_proto . inet_service; size 256; flags dynamic; }
+\tset rejected6 { type ipv6_addr . inet_proto . inet_service; size 256; flags dynamic; }
 \tchain input {
 \t\ttype filter hook input priority -10; policy accept;
 \t\tiifname \"br-0123456789ab\" ip daddr 172.30.0.1 tcp dport { 3128, 8081 } accept
+\t\tiifname \"br-0123456789ab\" meta l4proto { tcp, udp } add @rejected4 { ip daddr . meta l4proto . th dport }
+\t\tiifname \"br-0123456789ab\" meta l4proto { tcp, udp } add @rejected6 { ip6 daddr . meta l4proto . th dport }
 \t\tiifname \"br-0123456789ab\" meta l4proto tcp reject with tcp reset
 \t\tiifname \"br-0123456789ab\" reject with icmpx type admin-prohibited
 \t}
@@ -540,6 +659,42 @@ table inet delegate_br_0123456789ab {
         assert!(removes.iter().all(|(_, a)| a.contains(&"-D".to_string())
             || a.contains(&"-F".to_string())
             || a.contains(&"-X".to_string())));
+    }
+
+    #[test]
+    fn parses_remembered_rejections() {
+        // As nft 1.0.6 prints it.
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
+            {"set": {"family": "inet", "name": "rejected4", "table": "delegate_br_x",
+             "type": ["ipv4_addr", "inet_proto", "inet_service"], "handle": 2, "size": 256,
+             "elem": [{"concat": ["172.18.0.1", "udp", 53]}, {"concat": ["172.18.0.1", "tcp", 8080]},
+                      {"elem": {"val": {"concat": ["172.18.0.1", "tcp", 22]}, "expires": 1}},
+                      {"concat": ["not an address", "tcp", 1]}, {"concat": ["172.18.0.1", "sctp", 1]},
+                      {"concat": ["172.18.0.1", "tcp", 70000]}, {"concat": ["172.18.0.1"]}, 7]}}]}"#;
+        let got: Vec<String> = parse_nft_rejected(json)
+            .iter()
+            .map(|r| format!("{} {} {}", r.addr, r.protocol, r.port))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "172.18.0.1 tcp 22",
+                "172.18.0.1 tcp 8080",
+                "172.18.0.1 udp 53"
+            ]
+        );
+        assert!(parse_nft_rejected("").is_empty());
+        assert!(parse_nft_rejected("{\"nftables\": 5}").is_empty());
+        assert!(parse_nft_rejected("{\"nftables\": [{\"set\": {}}]}").is_empty());
+        let cmds = render_nft_list_rejected(&iso());
+        assert_eq!(
+            cmds[0].join(" "),
+            "-j list set inet delegate_br_0123456789ab rejected4"
+        );
+        assert_eq!(
+            cmds[1].join(" "),
+            "-j list set inet delegate_br_0123456789ab rejected6"
+        );
     }
 
     #[test]

@@ -321,6 +321,9 @@ pub struct TaskEgress {
     task_id: String,
     proxy: EgressProxy,
     drain: JoinHandle<()>,
+    /// Where the rejections the host firewall remembered are reported at the end.
+    firewall: Option<(Backend, Isolation)>,
+    out: TaskOutputTx,
     /// `KEY=value` entries for every step container.
     pub env: Vec<String>,
     /// The proxy password, for the task's redaction set.
@@ -359,8 +362,10 @@ impl TaskEgress {
         let creds = proxy.register(&task_id, policy, plan.subnet)?;
         let mut secrets = secrets;
         secrets.push(creds.password.as_bytes().to_vec());
-        let drain = tokio::spawn(drain_records(rx, out, secrets));
-        let egress = TaskEgress {
+        let drain = tokio::spawn(drain_records(rx, out.clone(), secrets));
+        let mut egress = TaskEgress {
+            firewall: None,
+            out,
             task_id,
             env: creds
                 .sandbox_env(proxy.local_addr(), &[plan.gateway.to_string()])
@@ -379,10 +384,11 @@ impl TaskEgress {
                 proxy_port: egress.proxy.local_addr().port(),
                 backend_port: plan.backend_port,
             };
-            if let Err(e) = registry.apply(plan.task, backend, iso).await {
+            if let Err(e) = registry.apply(plan.task, backend, iso.clone()).await {
                 egress.finish().await;
                 return Err(e.into());
             }
+            egress.firewall = Some((backend, iso));
         }
         Ok(egress)
     }
@@ -392,12 +398,16 @@ impl TaskEgress {
     }
 
     /// Revoke the credentials (open tunnels close), stop the proxy and wait until its last
-    /// records are events. Bounded: a stuck connection cannot hold the task's end.
+    /// records are events; then report what the host firewall refused. Bounded: a stuck
+    /// connection cannot hold the task's end. The firewall rules themselves stay until the
+    /// network goes ([`FirewallRegistry::release`]).
     pub async fn finish(self) {
         let TaskEgress {
             task_id,
             proxy,
             drain,
+            firewall,
+            out,
             ..
         } = self;
         proxy.unregister(&task_id);
@@ -407,6 +417,30 @@ impl TaskEgress {
         };
         if tokio::time::timeout(FINISH_WAIT, end).await.is_err() {
             tracing::warn!(task = %task_id, "egress proxy did not stop in time; its last records may be missing");
+        }
+        let Some((backend, iso)) = firewall else {
+            return;
+        };
+        let rejected = match firewall::rejected(backend, &iso).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(task = %task_id, error = %e, "cannot read the firewall's rejections");
+                return;
+            }
+        };
+        for r in rejected {
+            let (event, line) = rejection_outputs(&r);
+            if out.send(TaskOutput::Event(event)).await.is_err() {
+                return;
+            }
+            let data = Bytes::from(line);
+            let log = TaskOutput::Log {
+                stream: LogStream::System,
+                data,
+            };
+            if out.send(log).await.is_err() {
+                return;
+            }
         }
     }
 }
@@ -479,6 +513,27 @@ pub fn record_outputs(rec: &EgressRecord, secrets: &[Vec<u8>]) -> (EventKind, Op
         bytes_up: rec.bytes_up,
         bytes_down: rec.bytes_down,
         duration_ms: rec.duration_ms,
+    };
+    (event, line)
+}
+
+/// The audit event and log line for a direct connection the host firewall refused.
+pub fn rejection_outputs(r: &firewall::Rejected) -> (EventKind, String) {
+    let addr = SocketAddr::new(r.addr, r.port).to_string();
+    let detail = format!(
+        "rejected by the host firewall: a direct {} connection from the sandbox to the host, \
+         bypassing the egress proxy",
+        r.protocol
+    );
+    let line = format!("delegate: egress denied: {addr}: {detail}\n");
+    let event = EventKind::Egress {
+        destination: addr.clone(),
+        address: Some(addr),
+        allowed: false,
+        detail,
+        bytes_up: 0,
+        bytes_down: 0,
+        duration_ms: 0,
     };
     (event, line)
 }
@@ -610,6 +665,31 @@ mod tests {
         });
         let text = delegate_protocol::encode_text(&msg);
         delegate_protocol::decode_text(&text).unwrap();
+    }
+
+    #[test]
+    fn firewall_rejections_are_denied_events() {
+        let (event, line) = rejection_outputs(&firewall::Rejected {
+            addr: IpAddr::from([172, 18, 0, 1]),
+            protocol: "tcp".into(),
+            port: 22,
+        });
+        let EventKind::Egress {
+            destination,
+            address,
+            allowed,
+            detail,
+            ..
+        } = event
+        else {
+            panic!("not an egress event")
+        };
+        assert_eq!(destination, "172.18.0.1:22");
+        assert_eq!(address.as_deref(), Some("172.18.0.1:22"));
+        assert!(!allowed);
+        assert!(detail.contains("host firewall"), "{detail}");
+        assert!(line
+            .starts_with("delegate: egress denied: 172.18.0.1:22: rejected by the host firewall"));
     }
 
     #[test]
