@@ -10,6 +10,7 @@
 //! - `sandbox`: Docker: images, per-task volume and network, hardened step containers.
 //! - `egress`: the allowlisting proxy a sandbox reaches the outside through.
 //! - `redact`: the streaming secret redactor over every byte a sandbox emits.
+//! - `spool`: the encrypted on-disk spool of everything sent about a task, and the task journal.
 
 pub mod task_io;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod tasks;
 pub mod tls;
 pub mod egress;
 pub mod redact;
+pub mod spool;
 pub mod notify;
 pub mod renew;
 pub mod metrics;

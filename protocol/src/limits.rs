@@ -20,3 +20,6 @@ pub const MAX_VALUE: usize = 256 * 1024;
 pub const MAX_ENTRIES: usize = 1024;
 /// Size of an input blob (workspace archive, plan file) announced in Assign.
 pub const MAX_BLOB: u64 = 1024 * 1024 * 1024;
+/// Shortest secret accepted at submit: shorter values would redact ordinary words out of logs.
+/// The agent's redactor refuses the same (`delegate_agent::redact::MIN_SECRET_LEN`).
+pub const MIN_SECRET_LEN: usize = 4;
