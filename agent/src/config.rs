@@ -140,10 +140,26 @@ pub struct FileConfig {
     pub sandbox: SandboxFile,
     pub egress: EgressFile,
     pub log: LogFile,
+    pub metrics: MetricsFile,
 }
 
 /// The sections of [`FileConfig`]; each is checked key by key.
-const SECTIONS: &[&str] = &["control_plane", "agent", "sandbox", "egress", "log"];
+const SECTIONS: &[&str] = &[
+    "control_plane",
+    "agent",
+    "sandbox",
+    "egress",
+    "log",
+    "metrics",
+];
+
+/// `[metrics]`: off unless `listen` is set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsFile {
+    /// `127.0.0.1:9464`-style loopback address, or `unix:/run/delegate/metrics.sock`.
+    pub listen: Option<String>,
+}
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -201,6 +217,10 @@ pub struct SandboxFile {
     pub max_unpacked_bytes: Option<u64>,
     pub max_files: Option<u64>,
     pub plugin_cache: Option<bool>,
+    /// Air-gapped pools: an HTTPS provider network mirror (see `mirror`).
+    pub provider_mirror: Option<String>,
+    /// Air-gapped pools: a provider directory on the host, mounted read-only into the sandbox.
+    pub provider_filesystem_mirror: Option<PathBuf>,
     pub labels: BTreeMap<String, String>,
 }
 
@@ -335,6 +355,8 @@ pub struct Config {
     pub sandbox: SandboxConfig,
     pub egress: EgressConfig,
     pub log: LogConfig,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: not at all.
+    pub metrics: Option<crate::metrics::MetricsListen>,
     /// Things worth a log line that do not stop the agent (e.g. an unused `DELEGATE_*` variable).
     pub warnings: Vec<String>,
 }
@@ -388,6 +410,8 @@ pub struct SandboxConfig {
     pub max_files: Option<u64>,
     pub plugin_cache: Option<bool>,
     pub extra_labels: BTreeMap<String, String>,
+    /// `provider_mirror` or `provider_filesystem_mirror` (at most one).
+    pub provider_mirror: Option<crate::mirror::ProviderMirror>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -557,6 +581,7 @@ fn check_section(
             "sandbox" => check_entry::<SandboxFile>(&key, &value),
             "egress" => check_entry::<EgressFile>(&key, &value),
             "log" => check_entry::<LogFile>(&key, &value),
+            "metrics" => check_entry::<MetricsFile>(&key, &value),
             _ => Ok(()),
         };
         match result {
@@ -724,6 +749,18 @@ impl FileConfig {
         // [sandbox]
         let sandbox = self.sandbox.validate(&mut issues);
 
+        // [metrics]
+        let metrics = match &self.metrics.listen {
+            None => None,
+            Some(l) => match crate::metrics::MetricsListen::parse(l) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    issues.push(Issue::new("metrics.listen", e));
+                    None
+                }
+            },
+        };
+
         // [egress]
         for (key, list) in [
             ("egress.allow", &self.egress.allow),
@@ -783,6 +820,7 @@ impl FileConfig {
             sandbox,
             egress,
             log,
+            metrics,
             warnings: Vec::new(),
         })
     }
@@ -962,7 +1000,38 @@ impl SandboxFile {
             max_unpacked_bytes,
             max_files,
             plugin_cache: self.plugin_cache,
+            provider_mirror: self.provider_mirror(issues),
             extra_labels: self.labels.clone(),
+        }
+    }
+}
+
+impl SandboxFile {
+    fn provider_mirror(&self, issues: &mut Vec<Issue>) -> Option<crate::mirror::ProviderMirror> {
+        use crate::mirror::{parse_filesystem_mirror, parse_network_mirror, ProviderMirror};
+        match (&self.provider_mirror, &self.provider_filesystem_mirror) {
+            (Some(_), Some(_)) => {
+                issues.push(Issue::new(
+                    "sandbox.provider_filesystem_mirror",
+                    "set provider_mirror or provider_filesystem_mirror, not both",
+                ));
+                None
+            }
+            (Some(url), None) => match parse_network_mirror(url) {
+                Ok(u) => Some(ProviderMirror::Network(u)),
+                Err(e) => {
+                    issues.push(Issue::new("sandbox.provider_mirror", e));
+                    None
+                }
+            },
+            (None, Some(path)) => match parse_filesystem_mirror(path) {
+                Ok(p) => Some(ProviderMirror::Filesystem(p)),
+                Err(e) => {
+                    issues.push(Issue::new("sandbox.provider_filesystem_mirror", e));
+                    None
+                }
+            },
+            (None, None) => None,
         }
     }
 }
@@ -1685,6 +1754,87 @@ hosts = {{ "MIRROR.internal." = ["10.1.2.3", "fd00::3"] }}
             has(&issues, "egress.deny[0]", "public suffix"),
             "{issues:?}"
         );
+    }
+
+    #[test]
+    fn metrics_listen_and_provider_mirrors() {
+        let c = load_text(GOOD, &[]).unwrap();
+        assert_eq!(c.metrics, None);
+        assert_eq!(c.sandbox.provider_mirror, None);
+        let text = format!(
+            "{GOOD}\n[metrics]\nlisten = \"127.0.0.1:9464\"\n"
+        )
+        .replace(
+            "pull_policy = \"if-missing\"",
+            "pull_policy = \"if-missing\"\nprovider_mirror = \"https://mirror.internal:8443/providers\"",
+        );
+        let c = load_text(&text, &[]).unwrap();
+        assert_eq!(
+            c.metrics,
+            Some(crate::metrics::MetricsListen::Tcp(
+                "127.0.0.1:9464".parse().unwrap()
+            ))
+        );
+        assert_eq!(
+            c.sandbox.provider_mirror,
+            Some(crate::mirror::ProviderMirror::Network(
+                "https://mirror.internal:8443/providers/".into()
+            ))
+        );
+        let c = load_text(
+            GOOD,
+            &[
+                (
+                    "DELEGATE_METRICS__LISTEN",
+                    "unix:/run/delegate/metrics.sock",
+                ),
+                (
+                    "DELEGATE_SANDBOX__PROVIDER_FILESYSTEM_MIRROR",
+                    "/srv/providers",
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.metrics,
+            Some(crate::metrics::MetricsListen::Unix(
+                "/run/delegate/metrics.sock".into()
+            ))
+        );
+        assert_eq!(
+            c.sandbox.provider_mirror,
+            Some(crate::mirror::ProviderMirror::Filesystem(
+                "/srv/providers".into()
+            ))
+        );
+        let issues = issues_of(
+            GOOD,
+            &[
+                ("DELEGATE_METRICS__LISTEN", "0.0.0.0:9464"),
+                ("DELEGATE_SANDBOX__PROVIDER_MIRROR", "http://mirror/"),
+            ],
+        );
+        assert!(
+            has(&issues, "metrics.listen", "not a loopback address"),
+            "{issues:?}"
+        );
+        assert!(
+            has(&issues, "sandbox.provider_mirror", "https://"),
+            "{issues:?}"
+        );
+        let issues = issues_of(
+            GOOD,
+            &[
+                ("DELEGATE_SANDBOX__PROVIDER_MIRROR", "https://m/"),
+                ("DELEGATE_SANDBOX__PROVIDER_FILESYSTEM_MIRROR", "/srv/p"),
+            ],
+        );
+        assert!(
+            has(&issues, "sandbox.provider_filesystem_mirror", "not both"),
+            "{issues:?}"
+        );
+        let issues = issues_of(GOOD, &[("DELEGATE_METRICS__PORT", "1")]);
+        assert!(has(&issues, "metrics.port", "unknown field"), "{issues:?}");
     }
 
     #[test]

@@ -25,3 +25,4 @@ pub mod spool;
 pub mod notify;
 pub mod renew;
 pub mod metrics;
+pub mod mirror;
