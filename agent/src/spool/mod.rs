@@ -121,9 +121,9 @@ impl SpoolError {
                     | io::ErrorKind::TimedOut
             ),
             SpoolError::Crypto(e) => e.is_retryable(),
-            SpoolError::Integrity { .. } | SpoolError::Locked(_) | SpoolError::OutOfOrder { .. } => {
-                false
-            }
+            SpoolError::Integrity { .. }
+            | SpoolError::Locked(_)
+            | SpoolError::OutOfOrder { .. } => false,
         }
     }
 }
@@ -726,7 +726,10 @@ impl TaskSpool {
     pub fn ack(&mut self, acked: u64, pressure: bool) -> Result<(), SpoolError> {
         self.acked = self.acked.max(acked.min(self.last_seq));
         while self.segments.len() > 1
-            && self.segments.front().is_some_and(|s| s.last_seq <= self.acked)
+            && self
+                .segments
+                .front()
+                .is_some_and(|s| s.last_seq <= self.acked)
         {
             if let Some(s) = self.segments.pop_front() {
                 self.delete(&s)?;

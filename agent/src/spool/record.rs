@@ -89,7 +89,11 @@ pub fn encode_plain(task: Uuid, body: &RecordBody) -> Zeroizing<Vec<u8>> {
             seq,
             frame: WireFrame::Text(t),
             done,
-        } => (if *done { KIND_DONE } else { KIND_TEXT }, *seq, t.as_bytes()),
+        } => (
+            if *done { KIND_DONE } else { KIND_TEXT },
+            *seq,
+            t.as_bytes(),
+        ),
         RecordBody::Frame {
             seq,
             frame: WireFrame::Binary(b),

@@ -221,7 +221,11 @@ fn out_of_order_appends_are_refused_before_writing() {
     let bytes = spool.usage();
     assert!(matches!(
         t.append(&[frame(3)], false),
-        Err(SpoolError::OutOfOrder { seq: 3, last: 1, .. })
+        Err(SpoolError::OutOfOrder {
+            seq: 3,
+            last: 1,
+            ..
+        })
     ));
     assert!(matches!(
         t.append(&[frame(2), frame(2)], false),
@@ -259,7 +263,10 @@ fn no_plaintext_on_disk() {
     t.append(&[done(11)], true).unwrap();
     let bytes = all_bytes(tmp.path());
     assert!(bytes.len() > 1000);
-    assert!(!contains(&bytes, MARKER.as_bytes()), "marker found in the clear");
+    assert!(
+        !contains(&bytes, MARKER.as_bytes()),
+        "marker found in the clear"
+    );
     assert!(!contains(&bytes, b"line 3"));
     assert!(!contains(&bytes, b"\"type\":\"done\""));
     assert!(!contains(&bytes, b"TOKEN"), "not even the secret's name");
