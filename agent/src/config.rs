@@ -1696,7 +1696,7 @@ firewall = "ufw"
                 "expected one of auto | nft | iptables | off",
             ),
             ("egress.hosts.\"10.0.0.9\"", "a host name, not an address"),
-            ("egress.hosts.\"bad name\"", "characters"),
+            ("egress.hosts.\"bad name\"", "not a valid host name"),
             ("egress.hosts.\"empty.example\"", "at least one address"),
             (
                 "egress.hosts.\"twice.example\"[1]",
