@@ -3,7 +3,10 @@
 //!
 //! Owns the order of start and stop: the link runs until shutdown is asked; then no new task is
 //! accepted, running tasks get `agent.drain_timeout` to finish (their output keeps flowing), the
-//! rest are cancelled, and the WebSocket is closed with a close frame.
+//! rest are cancelled, and the WebSocket is closed with a close frame. Stopping is staged
+//! ([`Stop`]): `Drain` as above; `Now` (a second SIGTERM) cancels running tasks at once, cleanly
+//! (the sandbox interrupts tofu so it releases locks and writes state), and closes after their
+//! results are acknowledged or `cancel_wait` ran out.
 //!
 //! Must never: stop the link because Docker is unavailable (tasks are rejected with the Docker
 //! error instead, and Docker is retried in the background), or exit with tasks' unacknowledged
@@ -12,10 +15,11 @@
 use crate::config::Config;
 use crate::link::machine::Backoff;
 use crate::link::{Link, LinkSettings, LinkStatus};
+use crate::renew::Renewer;
 use crate::sandbox::{Sandbox, SandboxError, SandboxSettings};
 use crate::task_io::{TaskInputs, TaskOutputTx, TaskResult};
 use crate::tasks::{Executor, TaskManager, TaskSettings};
-use crate::tls::{self, TlsError};
+use crate::tls::{self, TlsError, TlsHandle};
 use delegate_protocol::{Outcome, Summary};
 use futures_util::future::BoxFuture;
 use std::future::Future;
@@ -46,12 +50,25 @@ impl AgentError {
 /// How long to wait for running tasks after they were cancelled at the end of the drain.
 pub const DEFAULT_CANCEL_WAIT: Duration = Duration::from_secs(30);
 
+/// How far shutdown has gone. Only ever moves forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stop {
+    /// Running.
+    No,
+    /// No new task; running ones get `drain_timeout`, then are cancelled.
+    Drain,
+    /// Cancel running tasks now.
+    Now,
+}
+
 /// The assembled agent.
 pub struct Agent {
     link: Link,
     tasks: TaskManager,
     drain_timeout: Duration,
     cancel_wait: Duration,
+    tls: TlsHandle,
+    renewer: Option<Renewer>,
 }
 
 impl Agent {
@@ -59,8 +76,22 @@ impl Agent {
     pub fn new(config: &Config, executor: Arc<dyn Executor>) -> Result<Agent, AgentError> {
         create_data_dir(&config.data_dir)?;
         let cp = &config.control_plane;
-        let tls = tls::client_config(&cp.ca_file, &cp.cert_file, &cp.key_file, cp.spki_pin)?;
-        let mut link = LinkSettings::new(cp.endpoint.clone(), tls, config.agent.name.clone());
+        let tls = TlsHandle::new(tls::client_config(
+            &cp.ca_file,
+            &cp.cert_file,
+            &cp.key_file,
+            cp.spki_pin,
+        )?);
+        let mut link =
+            LinkSettings::new(cp.endpoint.clone(), tls.clone(), config.agent.name.clone());
+        link.renewer = Some(Renewer {
+            ca_file: cp.ca_file.clone(),
+            cert_file: cp.cert_file.clone(),
+            key_file: cp.key_file.clone(),
+            spki_pin: cp.spki_pin,
+            tls,
+            jitter: Renewer::jitter_for(&config.agent.name),
+        });
         link.backoff = Backoff {
             initial: cp.backoff_initial,
             max: cp.backoff_max,
@@ -70,6 +101,9 @@ impl Agent {
         link.labels = config.agent.labels.clone();
         let mut tasks = TaskSettings::new(config.agent.slots);
         tasks.max_archive_bytes = Some(config.sandbox_settings().max_archive_bytes);
+        // Tasks' outcomes, step durations, log bytes and egress decisions feed the metrics.
+        let executor =
+            crate::metrics::MeteredExecutor::new(executor, crate::metrics::global().clone());
         Ok(Agent::from_parts(
             link,
             tasks,
@@ -86,12 +120,26 @@ impl Agent {
         drain_timeout: Duration,
     ) -> Agent {
         let tasks = TaskManager::new(tasks, executor);
+        let tls = link.tls.clone();
+        let renewer = link.renewer.clone();
         Agent {
             link: Link::new(link, tasks.clone()),
             tasks,
             drain_timeout,
             cancel_wait: DEFAULT_CANCEL_WAIT,
+            tls,
+            renewer,
         }
+    }
+
+    /// The TLS configuration the next connection uses (replace it to reload certificates).
+    pub fn tls(&self) -> TlsHandle {
+        self.tls.clone()
+    }
+
+    /// The certificate renewer, if this agent renews.
+    pub fn renewer(&self) -> Option<Renewer> {
+        self.renewer.clone()
     }
 
     /// After the drain timeout, how long cancelled tasks get to end and have their `done`
@@ -111,33 +159,56 @@ impl Agent {
 
     /// Run until `shutdown` resolves, then drain and close cleanly.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let stop = CancellationToken::new();
-        let link = tokio::spawn(self.link.run(stop.clone()));
-        shutdown.await;
+        let (tx, rx) = watch::channel(Stop::No);
+        let agent = self.run_until(rx);
+        tokio::pin!(agent);
+        tokio::select! {
+            _ = &mut agent => return,
+            _ = shutdown => {}
+        }
+        let _ = tx.send(Stop::Drain);
+        agent.await;
+    }
+
+    /// Run until `stop` reaches [`Stop::Drain`]; drain; cancel at once if it reaches
+    /// [`Stop::Now`] (or the sender is dropped) before the drain is over.
+    pub async fn run_until(self, mut stop: watch::Receiver<Stop>) {
+        let link_stop = CancellationToken::new();
+        let link = tokio::spawn(self.link.run(link_stop.clone()));
+        let _ = stop.wait_for(|s| *s >= Stop::Drain).await;
         let tasks = self.tasks;
         tasks.start_draining();
         let held = tasks.held();
+        let now = async {
+            let _ = stop.wait_for(|s| *s >= Stop::Now).await;
+        };
+        tokio::pin!(now);
         if held > 0 {
             info!(
                 tasks = held,
                 drain_timeout = %humantime::format_duration(self.drain_timeout),
-                "shutting down: accepting no new task, waiting for running ones"
+                "shutting down: accepting no new task, waiting for running ones (a second SIGTERM cancels them now)"
             );
-            if tokio::time::timeout(self.drain_timeout, tasks.wait_idle())
-                .await
-                .is_err()
-            {
-                warn!(
-                    tasks = tasks.held(),
-                    "drain time is over; cancelling the tasks still running"
-                );
+            let drained = tokio::select! {
+                r = tokio::time::timeout(self.drain_timeout, tasks.wait_idle()) => {
+                    if r.is_err() {
+                        warn!(tasks = tasks.held(), "drain time is over; cancelling the tasks still running");
+                    }
+                    r.is_ok()
+                }
+                _ = &mut now => {
+                    warn!(tasks = tasks.held(), "asked to stop now; cancelling the tasks still running");
+                    false
+                }
+            };
+            if !drained {
                 tasks.cancel_all("the agent is shutting down");
                 let _ = tokio::time::timeout(self.cancel_wait, tasks.wait_idle()).await;
             }
         } else {
             info!("shutting down");
         }
-        stop.cancel();
+        link_stop.cancel();
         if let Err(e) = link.await {
             error!(error = %e, "link task ended abnormally");
         }
