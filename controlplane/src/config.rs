@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use thiserror::Error;
 
 pub const CONFIG_FILE: &str = "controlplane.toml";
@@ -42,6 +43,9 @@ pub struct CpConfig {
     /// Pool used when a submit names none.
     #[serde(default = "default_pool")]
     pub default_pool: String,
+    /// Life of the client certificates issued at enrollment and renewal (humantime, e.g. "24h").
+    #[serde(default = "default_agent_cert_ttl")]
+    pub agent_cert_ttl: String,
 }
 
 fn default_heartbeat() -> u64 {
@@ -53,6 +57,13 @@ fn default_max_archive() -> u64 {
 fn default_pool() -> String {
     "default".into()
 }
+fn default_agent_cert_ttl() -> String {
+    "24h".into()
+}
+
+/// Bounds of `agent_cert_ttl`: long enough to renew at two thirds of it, short enough to matter.
+pub const AGENT_CERT_TTL_MIN: Duration = Duration::from_secs(10 * 60);
+pub const AGENT_CERT_TTL_MAX: Duration = Duration::from_secs(366 * 24 * 3600);
 
 impl Default for CpConfig {
     fn default() -> Self {
@@ -62,6 +73,7 @@ impl Default for CpConfig {
             heartbeat_interval_ms: default_heartbeat(),
             max_archive_bytes: default_max_archive(),
             default_pool: default_pool(),
+            agent_cert_ttl: default_agent_cert_ttl(),
         }
     }
 }
@@ -127,6 +139,9 @@ impl CpConfig {
         {
             errors.push("default_pool: must be 1..=256 bytes".into());
         }
+        if let Err(e) = parse_agent_cert_ttl(&self.agent_cert_ttl) {
+            errors.push(format!("agent_cert_ttl: {e}"));
+        }
         errors
     }
 
@@ -142,10 +157,25 @@ impl CpConfig {
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8444)))
     }
 
+    /// `agent_cert_ttl` as a duration (validated at load; the default if it somehow is not).
+    pub fn agent_cert_ttl(&self) -> Duration {
+        parse_agent_cert_ttl(&self.agent_cert_ttl).unwrap_or(Duration::from_secs(24 * 3600))
+    }
+
     pub fn to_toml(&self) -> String {
         // Plain strings and integers: serialisation cannot fail.
         toml::to_string(self).unwrap_or_default()
     }
+}
+
+/// A humantime duration within [`AGENT_CERT_TTL_MIN`]..=[`AGENT_CERT_TTL_MAX`].
+pub fn parse_agent_cert_ttl(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration like \"24h\" ({e})"))?;
+    if !(AGENT_CERT_TTL_MIN..=AGENT_CERT_TTL_MAX).contains(&d) {
+        return Err(format!("{s:?} is outside 10m..=366d"));
+    }
+    Ok(d)
 }
 
 /// Paths inside a control plane's data directory.
@@ -236,5 +266,24 @@ mod tests {
         assert!(err.contains("agent_listen"), "{err}");
         assert!(err.contains("api_listen"), "{err}");
         assert!(err.contains("heartbeat_interval_ms"), "{err}");
+    }
+
+    #[test]
+    fn agent_cert_ttl_parsed_and_bounded() {
+        let base = "agent_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\"\n";
+        let cfg = CpConfig::parse(Path::new("x"), base).unwrap();
+        assert_eq!(cfg.agent_cert_ttl(), Duration::from_secs(24 * 3600));
+        let cfg =
+            CpConfig::parse(Path::new("x"), &format!("{base}agent_cert_ttl = \"2h\"\n")).unwrap();
+        assert_eq!(cfg.agent_cert_ttl(), Duration::from_secs(7200));
+        for bad in ["1s", "400d", "soon"] {
+            let err = CpConfig::parse(
+                Path::new("x"),
+                &format!("{base}agent_cert_ttl = \"{bad}\"\n"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("agent_cert_ttl"), "{err}");
+        }
     }
 }
