@@ -27,6 +27,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod cp;
+pub mod demo;
 pub mod dispatch;
 pub mod hub;
 pub mod init;

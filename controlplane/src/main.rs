@@ -44,6 +44,22 @@ enum Command {
     },
     /// Serve the agent endpoint and the user API.
     Serve,
+    /// Everything on embedded defaults in a temporary directory: a control plane, an agent, and a
+    /// plan then apply of the example workspace in a Docker sandbox.
+    Demo {
+        /// Sandbox image to use; built locally from tofu/terraform on PATH when missing.
+        #[arg(long, default_value = "delegate-sandbox:local")]
+        image: String,
+        /// The agent binary (default: `delegate` next to delegate-cp, then on PATH).
+        #[arg(long, value_name = "PATH")]
+        agent_bin: Option<PathBuf>,
+        /// Keep the temporary data directory instead of removing it.
+        #[arg(long)]
+        keep: bool,
+        /// Extra label KEY=VALUE on every Docker object the demo's agent creates (repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+    },
     /// List agents.
     Agents {
         #[arg(long)]
@@ -142,8 +158,14 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The demo narrates on stdout; the control plane it runs in-process only speaks up for problems.
+    let default_level = if matches!(cli.command, Command::Demo { .. }) {
+        "warn"
+    } else {
+        "info"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -159,6 +181,36 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Demo {
+        image,
+        agent_bin,
+        keep,
+        labels,
+    } = &cli.command
+    {
+        let labels = labels
+            .iter()
+            .map(|l| {
+                l.split_once('=')
+                    .filter(|(k, _)| !k.is_empty())
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .with_context(|| format!("--label takes KEY=VALUE, got {l:?}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        let opts = delegate_controlplane::demo::DemoOptions {
+            image: image.clone(),
+            agent_bin: agent_bin.clone(),
+            keep: *keep,
+            labels,
+        };
+        let mut stdout = std::io::stdout();
+        rt.block_on(delegate_controlplane::demo::run(&opts, &mut stdout))?;
+        return Ok(());
+    }
     let dd = DataDir::new(
         cli.data_dir
             .context("no data directory: pass --data-dir DIR or set DELEGATE_CP_DATA_DIR")?,
@@ -244,7 +296,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     version,
                     json,
                 } => cli::state(&client, &workspace, version, json).await,
-                Command::Init { .. } | Command::Serve => unreachable!("handled above"),
+                Command::Init { .. } | Command::Serve | Command::Demo { .. } => {
+                    unreachable!("handled above")
+                }
             }
         })?,
     };
