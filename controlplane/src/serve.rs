@@ -57,7 +57,8 @@ pub async fn start(dd: &DataDir) -> Result<Running, ServeError> {
     let config = CpConfig::load(&dd.config())?;
     let agent_tls =
         crate::tls::agent_server_config(&dd.ca_cert(), &dd.server_cert(), &dd.server_key())?;
-    let api_tls = crate::tls::api_server_config(&dd.server_cert(), &dd.server_key())?;
+    let api_tls =
+        crate::tls::api_server_config(&dd.ca_cert(), &dd.server_cert(), &dd.server_key())?;
     let token = std::fs::read_to_string(dd.api_token())
         .map_err(|source| ServeError::Io {
             path: dd.api_token().display().to_string(),

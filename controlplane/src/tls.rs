@@ -83,11 +83,19 @@ pub fn agent_server_config(
 }
 
 /// The user API: TLS 1.3 only, server certificate, no client certificate (bearer token instead).
-pub fn api_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+/// The chain carries the CA too: an enrolling agent has no CA file yet and finds the CA it pinned
+/// by hash (`ca_sha256`) in the chain the server presents.
+pub fn api_server_config(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut chain = load_certs(cert)?;
+    chain.extend(load_certs(ca)?);
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
-        .with_single_cert(load_certs(cert)?, load_key(key)?)?;
+        .with_single_cert(chain, load_key(key)?)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
