@@ -26,3 +26,5 @@ pub mod notify;
 pub mod renew;
 pub mod metrics;
 pub mod mirror;
+pub mod reload;
+pub mod service;

@@ -33,6 +33,7 @@ use liveness::{Liveness, RateLimit};
 use machine::{Backoff, LinkEvent, LinkState, Policy};
 use rustls::pki_types::ServerName;
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 use tokio::net::TcpStream;
@@ -337,7 +338,90 @@ fn hello(settings: &LinkSettings, tasks: &TaskManager) -> Hello {
 
 /// TCP, TLS, WebSocket upgrade, Hello, Welcome.
 async fn connect(settings: &LinkSettings, tasks: &TaskManager) -> Result<(Ws, Welcome), LinkError> {
-    let ep = &settings.endpoint;
+    let mut ws = open(&settings.endpoint, settings.tls.current()).await?;
+    let hello = Message::Hello(hello(settings, tasks));
+    ws.send(WsMessage::Text(encode_text(&hello).into()))
+        .await
+        .map_err(|e| LinkError::Io(e.to_string()))?;
+    welcome(ws).await
+}
+
+/// What [`probe`] learned about a control plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeReport {
+    /// The protocol versions the control plane speaks.
+    pub versions: Vec<u16>,
+    /// The version this agent would use with it (the highest both speak), if any.
+    pub negotiated: Option<u16>,
+}
+
+/// Check a control plane without becoming a connected agent: TCP, TLS 1.3 with the client
+/// certificate, the WebSocket upgrade, then a `hello` offering no protocol version. The control
+/// plane answers `unsupported_version` naming the versions it speaks (PROTOCOL.md) and closes, so
+/// the probe never replaces a running agent's connection nor is given a task. An agent whose
+/// certificate is refused learns it here.
+pub async fn probe(
+    endpoint: &Endpoint,
+    tls: Arc<rustls::ClientConfig>,
+    name: &str,
+) -> Result<ProbeReport, LinkError> {
+    let mut ws = open(endpoint, tls).await?;
+    let hello = Message::Hello(Hello {
+        versions: vec![],
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        name: name.to_string(),
+        pool: "probe".into(),
+        labels: BTreeMap::new(),
+        slots: 1,
+        tasks: vec![],
+    });
+    ws.send(WsMessage::Text(encode_text(&hello).into()))
+        .await
+        .map_err(|e| LinkError::Io(e.to_string()))?;
+    let report = match welcome(ws).await {
+        Ok((mut ws, w)) => {
+            // A control plane that accepted an empty offer: close at once, politely.
+            let _ = ws.close(None).await;
+            ProbeReport {
+                versions: vec![w.version],
+                negotiated: SUPPORTED_VERSIONS.contains(&w.version).then_some(w.version),
+            }
+        }
+        Err(LinkError::Refused { code, message })
+            if code == ErrorCode::UnsupportedVersion.as_str() =>
+        {
+            let versions = parse_spoken_versions(&message).ok_or_else(|| {
+                LinkError::Handshake(format!(
+                    "cannot read the control plane's versions from {message:?}"
+                ))
+            })?;
+            let negotiated = delegate_protocol::negotiate(&versions, SUPPORTED_VERSIONS).ok();
+            ProbeReport {
+                versions,
+                negotiated,
+            }
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(report)
+}
+
+/// The control plane's versions from `no common protocol version: we speak [1, 2], the peer
+/// speaks []`.
+pub fn parse_spoken_versions(message: &str) -> Option<Vec<u16>> {
+    let start = message.find("we speak [")? + "we speak [".len();
+    let end = start + message[start..].find(']')?;
+    let list = message[start..end].trim();
+    if list.is_empty() {
+        return Some(vec![]);
+    }
+    list.split(',')
+        .map(|v| v.trim().trim_start_matches('v').parse::<u16>().ok())
+        .collect()
+}
+
+/// TCP, TLS and the WebSocket upgrade.
+async fn open(ep: &Endpoint, tls: Arc<rustls::ClientConfig>) -> Result<Ws, LinkError> {
     let addr = if ep.host.contains(':') {
         format!("[{}]:{}", ep.host, ep.port)
     } else {
@@ -355,7 +439,7 @@ async fn connect(settings: &LinkSettings, tasks: &TaskManager) -> Result<(Ws, We
         addr: addr.clone(),
         reason: format!("invalid server name {:?}: {e}", ep.host),
     })?;
-    let tls = tokio_rustls::TlsConnector::from(settings.tls.current())
+    let tls = tokio_rustls::TlsConnector::from(tls)
         .connect(server_name, tcp)
         .await
         .map_err(|e| LinkError::Tls {
@@ -365,16 +449,15 @@ async fn connect(settings: &LinkSettings, tasks: &TaskManager) -> Result<(Ws, We
     let ws_config = WebSocketConfig::default()
         .max_message_size(Some(limits::MAX_WS_MESSAGE))
         .max_frame_size(Some(limits::MAX_WS_MESSAGE));
-    let (mut ws, _response) =
+    let (ws, _response) =
         tokio_tungstenite::client_async_with_config(ep.url.as_str(), tls, Some(ws_config))
             .await
             .map_err(|e| LinkError::Upgrade(e.to_string()))?;
+    Ok(ws)
+}
 
-    let hello = Message::Hello(hello(settings, tasks));
-    ws.send(WsMessage::Text(encode_text(&hello).into()))
-        .await
-        .map_err(|e| LinkError::Io(e.to_string()))?;
-
+/// Read the answer to `hello`.
+async fn welcome(mut ws: Ws) -> Result<(Ws, Welcome), LinkError> {
     loop {
         let frame = ws
             .next()
@@ -788,4 +871,21 @@ fn refuse_frame(
         warn!(error = %e, suppressed, "undecodable frame from the control plane");
     }
     control.push_back(error_message(e.code(), e.to_string(), None));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spoken_versions_are_read_from_the_documented_message() {
+        let m = "no common protocol version: we speak [1], the peer speaks []";
+        assert_eq!(parse_spoken_versions(m), Some(vec![1]));
+        let m = "no common protocol version: we speak [1, 2, 3], the peer speaks [4]";
+        assert_eq!(parse_spoken_versions(m), Some(vec![1, 2, 3]));
+        assert_eq!(parse_spoken_versions("we speak []"), Some(vec![]));
+        assert_eq!(parse_spoken_versions("something else"), None);
+        assert_eq!(parse_spoken_versions("we speak [x]"), None);
+        assert_eq!(parse_spoken_versions("we speak [1"), None);
+    }
 }
