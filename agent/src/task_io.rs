@@ -23,10 +23,16 @@ pub struct TaskInputs {
 #[derive(Debug)]
 pub enum TaskOutput {
     /// Output bytes as produced, already redacted (whole lines where possible).
-    Log { stream: LogStream, data: Bytes },
+    Log {
+        stream: LogStream,
+        data: Bytes,
+    },
     Event(EventKind),
     /// A finished artifact (plan file, plan JSON); the link side chunks it and sends its sha256.
-    Artifact { kind: ChunkKind, data: Vec<u8> },
+    Artifact {
+        kind: ChunkKind,
+        data: Vec<u8>,
+    },
     /// A request tofu made to the default http backend; the link side relays it to the control
     /// plane and answers on `reply`.
     State {
@@ -34,6 +40,14 @@ pub enum TaskOutput {
         lock_id: Option<String>,
         body: Option<Vec<u8>>,
         reply: oneshot::Sender<StateReply>,
+    },
+    /// Where the execution stands (Docker objects, step states, summary so far), for finishing
+    /// the task after an agent restart. The link side records it in the task's spool durably and
+    /// in order with everything reported before it, then answers on `saved` (`Err`: why it could
+    /// not be recorded; the sandbox must then not start or remove a step container).
+    Journal {
+        exec: Box<crate::spool::journal::ExecJournal>,
+        saved: oneshot::Sender<Result<(), String>>,
     },
 }
 

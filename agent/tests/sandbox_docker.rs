@@ -354,6 +354,9 @@ async fn run(
                 TaskOutput::Log { stream, data } => c.logs.push((stream, data)),
                 TaskOutput::Event(e) => c.events.push(e),
                 TaskOutput::Artifact { kind, data } => c.artifacts.push((kind, data)),
+                TaskOutput::Journal { saved, .. } => {
+                    let _ = saved.send(Ok(()));
+                }
                 TaskOutput::State {
                     method,
                     lock_id,

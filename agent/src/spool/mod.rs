@@ -519,7 +519,6 @@ fn read_task(ring: &KeyRing, task: Uuid, dir: &Path) -> Result<Option<ReadTask>,
                             expected - 1
                         )));
                     }
-                    let json = Zeroizing::new(json);
                     let j = TaskJournal::from_json(&json)
                         .map_err(|e| integrity(format!("journal at byte {offset}: {e}")))?;
                     if j.spec.task_id != task {
@@ -647,7 +646,7 @@ impl TaskSpool {
         }
         self.last_seq = next - 1;
         if let Some(j) = journal {
-            self.journal = Some(Zeroizing::new(j.clone()));
+            self.journal = Some(j.clone());
         }
         Ok(())
     }
@@ -692,7 +691,7 @@ impl TaskSpool {
                 self.task,
                 &RecordBody::Journal {
                     after_seq: self.last_seq,
-                    json: j.to_vec(),
+                    json: j.clone(),
                 },
             )?;
         }

@@ -49,7 +49,10 @@ pub enum RecordBody {
     },
     /// The task's execution journal as of this point; `after_seq` is the last frame appended
     /// before it (0: none).
-    Journal { after_seq: u64, json: Vec<u8> },
+    Journal {
+        after_seq: u64,
+        json: Zeroizing<Vec<u8>>,
+    },
 }
 
 /// A record's plaintext that does not parse (it authenticated, so this means a bug or a file
@@ -143,7 +146,7 @@ pub fn decode_plain(plain: &[u8]) -> Result<(Uuid, RecordBody), RecordError> {
         },
         KIND_JOURNAL => RecordBody::Journal {
             after_seq: seq,
-            json: payload.to_vec(),
+            json: Zeroizing::new(payload.to_vec()),
         },
         k => return Err(RecordError::Kind(k)),
     };
@@ -246,7 +249,7 @@ mod tests {
             },
             RecordBody::Journal {
                 after_seq: 9,
-                json: b"{}".to_vec(),
+                json: Zeroizing::new(b"{}".to_vec()),
             },
         ] {
             let plain = encode_plain(task, &body);
@@ -261,7 +264,7 @@ mod tests {
             Uuid::nil(),
             &RecordBody::Journal {
                 after_seq: 0,
-                json: vec![],
+                json: Zeroizing::new(vec![]),
             },
         )
         .to_vec();

@@ -81,7 +81,7 @@ fn journal_record(id: Uuid, after_seq: u64, step: StepState) -> RecordBody {
     });
     RecordBody::Journal {
         after_seq,
-        json: j.to_json().to_vec(),
+        json: j.to_json(),
     }
 }
 

@@ -10,8 +10,18 @@
 //! Rules this module keeps: a dropped connection never stops a running task (its output waits in
 //! the task's [`Outbox`]); a plan whose hash differs from the approved one never reaches the
 //! executor; `done` is the last sequenced message and is sent only after the result; a task is
-//! forgotten once `done` is acknowledged. It never blocks the link: the lock is held only for
-//! short bookkeeping and never across an await. It never logs task output or secrets.
+//! forgotten once `done` is acknowledged. It never logs task output or secrets.
+//!
+//! With a [`Spool`] ([`TaskManager::with_spool`]), every sequenced message is appended to the
+//! task's encrypted spool before it enters the outbox, and the task's journal (spec without
+//! secret values, then the executor's [`ExecJournal`] updates) is appended in order with them.
+//! A task is listed in Hello from the moment it runs until its `done` is acknowledged, also
+//! across agent restarts: tasks reloaded from the spool resend from Welcome's resume point,
+//! running ones are handed to [`Executor::resume`], and a task whose spool failed its integrity
+//! check ends `lost` with the error as its reason. While the spool is full, the task's driver
+//! waits (so the executor's bounded channel fills and its log reader stops reading). Spool
+//! appends happen under the task table's lock: one `write` of sealed records (plus `fdatasync`
+//! for a journal); the lock is never held across an await.
 
 pub mod inputs;
 pub mod lifecycle;
@@ -20,6 +30,9 @@ pub mod outbox;
 pub use lifecycle::{InvalidTransition, Phase};
 pub use outbox::{Outbox, OutboxError, WireFrame};
 
+use crate::spool::journal::{ExecJournal, TaskJournal};
+use crate::spool::record::RecordBody;
+use crate::spool::{LoadedTask, Spool, TaskSpool};
 use crate::task_io::{StateReply, TaskInputs, TaskOutput, TaskOutputTx, TaskResult};
 use base64::Engine;
 use bytes::Bytes;
@@ -35,7 +48,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 /// Runs a task whose inputs were verified. Implemented over the Docker sandbox by the daemon and
@@ -52,7 +65,31 @@ pub trait Executor: Send + Sync + 'static {
         out: TaskOutputTx,
         cancel: CancellationToken,
     ) -> BoxFuture<'static, TaskResult>;
+
+    /// Finish a task that was running when the agent stopped, from its journal (its containers
+    /// may still be running). The default cannot: the task ends `lost`.
+    fn resume(
+        &self,
+        journal: TaskJournal,
+        out: TaskOutputTx,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'static, TaskResult> {
+        drop((journal, out, cancel));
+        Box::pin(async {
+            TaskResult {
+                outcome: Outcome::Lost,
+                reason: Some(
+                    "the agent restarted while the task ran and this agent cannot resume tasks"
+                        .into(),
+                ),
+                summary: Summary::default(),
+            }
+        })
+    }
 }
+
+/// How often "the spool is full" may be logged.
+const SPOOL_FULL_LOG_EVERY: Duration = Duration::from_secs(30);
 
 /// Largest payload of an outbound log or artifact chunk frame.
 pub const OUT_CHUNK: usize = 256 * 1024;
@@ -90,8 +127,16 @@ impl TaskSettings {
 
 struct Entry {
     phase: Phase,
-    op: Op,
+    /// Unknown for a task reloaded from the spool without a journal.
+    op: Option<Op>,
     outbox: Outbox,
+    /// Where the task's messages are persisted (none without a spool, or after a write failed).
+    spool: Option<TaskSpool>,
+    /// The latest journal, once the task runs.
+    journal: Option<TaskJournal>,
+    /// Reloaded from a damaged spool: once the control plane says where it stands, the task ends
+    /// `lost` with this reason.
+    broken: Option<String>,
     cancel: CancellationToken,
     /// Kept until the inputs are complete and the task starts.
     spec: Option<TaskSpec>,
@@ -118,6 +163,10 @@ struct State {
     next_request_id: u64,
     /// Round-robin position among task outboxes.
     rr_after: Option<Uuid>,
+    spool: Option<Spool>,
+    /// Appends waiting for spool space.
+    spool_waiters: usize,
+    spool_full_logged: Option<tokio::time::Instant>,
 }
 
 struct Inner {
@@ -139,13 +188,19 @@ pub struct TaskManager {
 }
 
 impl TaskManager {
+    /// A task manager that keeps unacknowledged output in memory only (tests, embedding).
     pub fn new(settings: TaskSettings, executor: Arc<dyn Executor>) -> Self {
+        Self::build(settings, executor, None)
+    }
+
+    fn build(settings: TaskSettings, executor: Arc<dyn Executor>, spool: Option<Spool>) -> Self {
         TaskManager {
             inner: Arc::new(Inner {
                 settings,
                 executor,
                 state: Mutex::new(State {
                     next_request_id: 1,
+                    spool,
                     ..State::default()
                 }),
                 outgoing: Notify::new(),
@@ -153,6 +208,38 @@ impl TaskManager {
                 changed: Notify::new(),
             }),
         }
+    }
+
+    /// A task manager that spools every sequenced message, taking over the tasks reloaded from
+    /// the spool: their output is resent after Welcome, running ones are resumed through the
+    /// executor (must be called inside a Tokio runtime), damaged ones end `lost`.
+    pub fn with_spool(
+        settings: TaskSettings,
+        executor: Arc<dyn Executor>,
+        spool: Spool,
+        loaded: Vec<LoadedTask>,
+    ) -> Self {
+        let m = Self::build(settings, executor, Some(spool));
+        for t in loaded {
+            m.inner.restore(t);
+        }
+        m
+    }
+
+    /// Ids of the tasks that run (or are being resumed) now: their Docker objects must stay.
+    pub fn running_tasks(&self) -> Vec<Uuid> {
+        self.inner
+            .lock()
+            .tasks
+            .iter()
+            .filter(|(_, e)| e.phase == Phase::Running)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// The spool's figures, when there is one.
+    pub fn spool_stats(&self) -> Option<crate::spool::SpoolStats> {
+        self.inner.lock().spool.as_ref().map(Spool::stats)
     }
 
     /// Slots advertised in Hello.
@@ -204,13 +291,28 @@ impl TaskManager {
             if !rp.known {
                 info!(task_id = %rp.task_id, "control plane does not know this task; dropping it");
                 e.cancel.cancel();
-                st.tasks.remove(&rp.task_id);
+                if let Some(e) = st.tasks.remove(&rp.task_id) {
+                    remove_spool(rp.task_id, e.spool);
+                }
                 continue;
             }
-            if let Err(err) = e.outbox.resume_from(rp.acked_seq) {
+            if rp.acked_seq > e.outbox.last_seq() {
+                // The control plane holds more than we do: our history of it was lost.
+                e.outbox.restart_at(rp.acked_seq);
+                if let Some(sp) = e.spool.as_mut() {
+                    if let Err(err) = sp.reset_at(rp.acked_seq) {
+                        warn!(task_id = %rp.task_id, error = %err, "cannot reset the task's spool");
+                    }
+                }
+            } else if let Err(err) = e.outbox.resume_from(rp.acked_seq) {
                 warn!(task_id = %rp.task_id, error = %err, "resume point does not fit this task's output");
             }
+            if let Some(reason) = e.broken.take() {
+                e.phase = Phase::Running;
+                st.finish(rp.task_id, Outcome::Lost, Some(reason), Summary::default());
+            }
         }
+        st.compact(false);
         st.forget_acked_tasks();
         drop(st);
         inner.space.notify_waiters();
@@ -372,17 +474,31 @@ impl State {
         e.inputs = None;
         e.spec = None;
         let reason = reason.map(|r| truncate(r, delegate_protocol::limits::MAX_TEXT));
-        info!(task_id = %id, op = %e.op, outcome = outcome.as_str(), reason = reason.as_deref().unwrap_or(""), "task finished");
-        let seq = e.outbox.push(|seq| {
-            text(&Message::Done(Done {
-                task_id: id,
-                seq,
-                outcome,
-                reason,
-                summary: Some(summary),
-            }))
-        });
+        let op = e.op.map(|o| o.to_string()).unwrap_or_default();
+        info!(task_id = %id, %op, outcome = outcome.as_str(), reason = reason.as_deref().unwrap_or(""), "task finished");
+        let seq = e.outbox.last_seq() + 1;
+        let done = text(&Message::Done(Done {
+            task_id: id,
+            seq,
+            outcome,
+            reason,
+            summary: Some(summary),
+        }));
+        let _ = e.commit(id, vec![(done, true)], false);
         e.done_seq = Some(seq);
+    }
+
+    /// Delete what acknowledgements freed in every task's spool. `pressure`: appends wait.
+    fn compact(&mut self, pressure: bool) {
+        let pressure = pressure || self.spool_waiters > 0;
+        for (id, e) in self.tasks.iter_mut() {
+            let acked = e.outbox.acked();
+            if let Some(sp) = e.spool.as_mut() {
+                if let Err(err) = sp.ack(acked, pressure) {
+                    warn!(task_id = %id, error = %err, "cannot delete acknowledged spool files");
+                }
+            }
+        }
     }
 
     /// Forget tasks whose `done` was acknowledged.
@@ -396,6 +512,7 @@ impl State {
         for id in finished {
             if let Some(mut e) = self.tasks.remove(&id) {
                 let _ = e.phase.advance(Phase::Done);
+                remove_spool(id, e.spool.take());
                 debug!(task_id = %id, "task done and acknowledged; forgotten");
             }
         }
@@ -445,6 +562,76 @@ impl State {
     }
 }
 
+/// Delete a finished task's spool files.
+fn remove_spool(id: Uuid, spool: Option<TaskSpool>) {
+    if let Some(sp) = spool {
+        if let Err(err) = sp.remove() {
+            warn!(task_id = %id, error = %err, "cannot delete the task's spool files");
+        }
+    }
+}
+
+impl Entry {
+    fn new(op: Option<Op>, spool: Option<TaskSpool>) -> Entry {
+        Entry {
+            phase: Phase::Received,
+            op,
+            outbox: Outbox::new(),
+            spool,
+            journal: None,
+            broken: None,
+            cancel: CancellationToken::new(),
+            spec: None,
+            inputs: None,
+            done_seq: None,
+        }
+    }
+
+    /// Record frames numbered from `outbox.last_seq() + 1` (`true`: the task's `done`) and, with
+    /// `journal`, the task's journal after them: one spool write first, then the outbox. If the
+    /// spool cannot be written, the task goes on in memory only (its spool files are deleted, so
+    /// a restart reports it lost instead of resuming from a hole) and the error is returned.
+    fn commit(
+        &mut self,
+        id: Uuid,
+        frames: Vec<(WireFrame, bool)>,
+        journal: bool,
+    ) -> Result<(), String> {
+        let mut result = Ok(());
+        if let Some(sp) = self.spool.as_mut() {
+            let first = self.outbox.last_seq() + 1;
+            let mut batch: Vec<RecordBody> = frames
+                .iter()
+                .zip(first..)
+                .map(|((frame, done), seq)| RecordBody::Frame {
+                    seq,
+                    frame: frame.clone(),
+                    done: *done,
+                })
+                .collect();
+            if let Some(j) = self.journal.as_ref().filter(|_| journal) {
+                batch.push(RecordBody::Journal {
+                    after_seq: first + frames.len() as u64 - 1,
+                    json: j.to_json(),
+                });
+            }
+            if let Err(err) = sp.append(&batch, false) {
+                error!(
+                    task_id = %id,
+                    error = %err,
+                    "cannot write to the spool: this task's output is now kept in memory only and is lost if the agent stops"
+                );
+                remove_spool(id, self.spool.take());
+                result = Err(err.to_string());
+            }
+        }
+        for (frame, _) in frames {
+            self.outbox.push_frame(frame);
+        }
+        result
+    }
+}
+
 fn truncate(mut s: String, max: usize) -> String {
     if s.len() > max {
         let mut end = max.saturating_sub(3);
@@ -470,6 +657,40 @@ impl Inner {
         }
         drop(st);
         self.outgoing.notify_one();
+    }
+
+    /// Take over a task reloaded from the spool.
+    fn restore(self: &Arc<Self>, t: LoadedTask) {
+        let id = t.task;
+        let op = t.journal.as_ref().map(|j| j.spec.op);
+        let mut e = Entry::new(op, Some(t.spool));
+        e.outbox = Outbox::restore(t.acked, t.frames.into_iter().map(|(_, f)| f));
+        e.journal = t.journal.clone();
+        let mut st = self.lock();
+        if let Some(reason) = t.broken {
+            error!(task_id = %id, %reason, "the task's spool is damaged; the task will be reported lost");
+            e.phase = Phase::Finishing;
+            e.broken = Some(format!(
+                "the agent restarted and this task's spool could not be read, so its output and \
+                 progress after the last acknowledged message are lost: {reason}"
+            ));
+        } else if let Some(done) = t.done_seq {
+            info!(task_id = %id, "task finished before the agent stopped; resending what was not acknowledged");
+            e.phase = Phase::Finishing;
+            e.done_seq = Some(done);
+        } else if let Some(journal) = t.journal {
+            info!(task_id = %id, op = %journal.spec.op, "task was running when the agent stopped; resuming it");
+            e.phase = Phase::Running;
+            let cancel = e.cancel.clone();
+            let executor = self.executor.clone();
+            tokio::spawn(drive(self.clone(), id, move |tx| {
+                executor.resume(journal, tx, cancel)
+            }));
+        } else {
+            e.phase = Phase::Finishing;
+            e.broken = Some("the agent restarted before the task started running".into());
+        }
+        st.tasks.insert(id, e);
     }
 
     fn send_error(&self, code: ErrorCode, message: String, task_id: Option<Uuid>) {
@@ -522,18 +743,11 @@ impl Inner {
             return;
         }
         info!(task_id = %id, op = %spec.op, workspace = %spec.workspace, "task accepted");
-        st.tasks.insert(
-            id,
-            Entry {
-                phase: Phase::Received,
-                op: spec.op,
-                outbox: Outbox::new(),
-                cancel: CancellationToken::new(),
-                inputs: Some(InputAssembly::new(&spec)),
-                spec: Some(spec),
-                done_seq: None,
-            },
-        );
+        let spool = st.spool.as_ref().map(|s| s.task(id));
+        let mut entry = Entry::new(Some(spec.op), spool);
+        entry.inputs = Some(InputAssembly::new(&spec));
+        entry.spec = Some(spec);
+        st.tasks.insert(id, entry);
         if st.connected {
             st.conn
                 .push_back(text(&Message::Accept(Accept { task_id: id })));
@@ -610,6 +824,9 @@ impl Inner {
                     return;
                 }
                 e.inputs = None;
+                // From here on the task is listed in Hello, also after a restart.
+                e.journal = Some(TaskJournal::new(&spec, plan.is_some(), now_ms()));
+                let _ = e.commit(id, Vec::new(), true);
                 let cancel = e.cancel.clone();
                 drop(st);
                 info!(task_id = %id, "inputs verified; task running");
@@ -618,7 +835,10 @@ impl Inner {
                     archive,
                     plan,
                 };
-                tokio::spawn(drive(self.clone(), id, inputs, cancel));
+                let executor = self.executor.clone();
+                tokio::spawn(drive(self.clone(), id, move |tx| {
+                    executor.run(inputs, tx, cancel)
+                }));
             }
             Err(err) => {
                 warn!(task_id = %id, error = %err, "task inputs refused");
@@ -644,6 +864,15 @@ impl Inner {
         match e.outbox.ack(ack.seq) {
             Ok(0) => {}
             Ok(_) => {
+                let acked = e.outbox.acked();
+                let pressure = st.spool_waiters > 0;
+                if let Some(e) = st.tasks.get_mut(&ack.task_id) {
+                    if let Some(sp) = e.spool.as_mut() {
+                        if let Err(err) = sp.ack(acked, pressure) {
+                            warn!(task_id = %ack.task_id, error = %err, "cannot delete acknowledged spool files");
+                        }
+                    }
+                }
                 st.forget_acked_tasks();
                 drop(st);
                 self.space.notify_waiters();
@@ -716,33 +945,101 @@ impl Inner {
         let _ = p.reply.send(reply);
     }
 
-    /// Wait until the task's outbox has room (or the task is gone).
+    /// Wait until the task's outbox and the spool have room (or the task is gone). While the
+    /// spool is full this holds the task's driver, so the executor's bounded channel fills and
+    /// its log reader stops reading: back-pressure instead of dropped output.
     async fn wait_space(&self, id: Uuid) {
+        let mut waiting = false;
         loop {
             let notified = self.space.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let full = self
-                .lock()
-                .tasks
-                .get(&id)
-                .is_some_and(|e| e.outbox.unacked_bytes() >= self.settings.outbox_limit);
-            if !full {
+            if !self.still_full(id, &mut waiting) {
                 return;
             }
             notified.await;
         }
     }
 
-    /// Append a sequenced message to the task's outbox.
-    async fn push(&self, id: Uuid, build: impl FnOnce(u64) -> WireFrame) {
+    /// One look for [`Self::wait_space`]: whether the task must wait. `waiting` tracks whether
+    /// it is counted among the spool's waiters.
+    fn still_full(&self, id: Uuid, waiting: &mut bool) -> bool {
+        let mut st = self.lock();
+        let held = st.tasks.contains_key(&id);
+        let outbox_full = st
+            .tasks
+            .get(&id)
+            .is_some_and(|e| e.outbox.unacked_bytes() >= self.settings.outbox_limit);
+        let mut spool_full = held && st.spool.as_ref().is_some_and(Spool::is_full);
+        if spool_full && !*waiting {
+            *waiting = true;
+            st.spool_waiters += 1;
+            if let Some(s) = &st.spool {
+                s.note_wait();
+            }
+            // Free what acknowledgements allow before waiting for more of them.
+            st.compact(true);
+            spool_full = st.spool.as_ref().is_some_and(Spool::is_full);
+            let now = tokio::time::Instant::now();
+            if spool_full
+                && st
+                    .spool_full_logged
+                    .is_none_or(|t| now.duration_since(t) >= SPOOL_FULL_LOG_EVERY)
+            {
+                st.spool_full_logged = Some(now);
+                if let Some(s) = &st.spool {
+                    warn!(
+                        task_id = %id,
+                        spool_bytes = s.usage(),
+                        max_bytes = s.max_bytes(),
+                        "spool full: task output waits for the control plane's acknowledgements (tofu is held back, nothing is dropped)"
+                    );
+                }
+            }
+        }
+        if outbox_full || spool_full {
+            return true;
+        }
+        if *waiting {
+            *waiting = false;
+            st.spool_waiters = st.spool_waiters.saturating_sub(1);
+        }
+        false
+    }
+
+    /// Append sequenced messages to the task's spool and outbox; `build` receives the seq of
+    /// the first. With `journal`, the task's journal follows them in the same spool write.
+    async fn push_many(
+        &self,
+        id: Uuid,
+        with_journal: bool,
+        exec: Option<ExecJournal>,
+        build: impl FnOnce(u64) -> Vec<WireFrame>,
+    ) -> Result<(), String> {
         self.wait_space(id).await;
         let mut st = self.lock();
-        if let Some(e) = st.tasks.get_mut(&id) {
-            e.outbox.push(build);
+        let Some(e) = st.tasks.get_mut(&id) else {
+            return Err("the task is no longer held".into());
+        };
+        let frames = build(e.outbox.last_seq() + 1);
+        if let (Some(exec), Some(j)) = (exec, e.journal.as_mut()) {
+            j.exec = Some(exec);
         }
+        let result = e.commit(
+            id,
+            frames.into_iter().map(|f| (f, false)).collect(),
+            with_journal,
+        );
         drop(st);
         self.outgoing.notify_one();
+        result
+    }
+
+    /// Append one sequenced message to the task's spool and outbox.
+    async fn push(&self, id: Uuid, build: impl FnOnce(u64) -> WireFrame) {
+        let _ = self
+            .push_many(id, false, None, |seq| vec![build(seq)])
+            .await;
     }
 
     async fn output(self: &Arc<Self>, id: Uuid, out: TaskOutput) {
@@ -769,6 +1066,14 @@ impl Inner {
                 .await;
             }
             TaskOutput::Artifact { kind, data } => self.artifact(id, kind, data).await,
+            TaskOutput::Journal { exec, saved } => {
+                let result = if self.lock().spool.is_some() {
+                    self.push_many(id, true, Some(*exec), |_| Vec::new()).await
+                } else {
+                    Ok(())
+                };
+                let _ = saved.send(result);
+            }
             TaskOutput::State {
                 method,
                 lock_id,
@@ -787,30 +1092,46 @@ impl Inner {
             data.chunks(OUT_CHUNK).collect()
         };
         let n = pieces.len();
-        for (i, piece) in pieces.into_iter().enumerate() {
-            self.push(id, |seq| {
-                WireFrame::Binary(Bytes::from(encode_binary(&BinaryFrame::Chunk(
-                    ChunkFrame {
-                        task_id: id,
-                        seq,
-                        kind,
-                        last: i + 1 == n,
-                        data: piece.to_vec(),
-                    },
-                ))))
+        // One spool write for all chunks, the `artifact` message and the journal noting it: after
+        // a crash the artifact is in the spool whole or not at all, so it is never sent twice.
+        let exec = {
+            let mut st = self.lock();
+            st.tasks.get_mut(&id).and_then(|e| {
+                let j = e.journal.as_mut()?;
+                if !j.artifacts.contains(&kind) {
+                    j.artifacts.push(kind);
+                }
+                Some(j.exec.clone())
             })
-            .await;
-        }
-        self.push(id, |seq| {
-            text(&Message::Artifact(delegate_protocol::Artifact {
+        };
+        let noted = exec.is_some();
+        let build = |first: u64| {
+            let mut frames: Vec<WireFrame> = pieces
+                .into_iter()
+                .zip(first..)
+                .enumerate()
+                .map(|(i, (piece, seq))| {
+                    WireFrame::Binary(Bytes::from(encode_binary(&BinaryFrame::Chunk(
+                        ChunkFrame {
+                            task_id: id,
+                            seq,
+                            kind,
+                            last: i + 1 == n,
+                            data: piece.to_vec(),
+                        },
+                    ))))
+                })
+                .collect();
+            frames.push(text(&Message::Artifact(delegate_protocol::Artifact {
                 task_id: id,
-                seq,
+                seq: first + n as u64,
                 kind,
                 size,
                 sha256,
-            }))
-        })
-        .await;
+            })));
+            frames
+        };
+        let _ = self.push_many(id, noted, exec.flatten(), build).await;
     }
 
     fn relay_state(
@@ -880,11 +1201,16 @@ impl Inner {
     }
 }
 
-/// Run one task on the executor and turn its output into sequenced messages; `done` last.
-async fn drive(inner: Arc<Inner>, id: Uuid, inputs: TaskInputs, cancel: CancellationToken) {
+/// Run one task on the executor (`start` starts or resumes it) and turn its output into
+/// sequenced messages; `done` last.
+async fn drive(
+    inner: Arc<Inner>,
+    id: Uuid,
+    start: impl FnOnce(TaskOutputTx) -> BoxFuture<'static, TaskResult>,
+) {
     let (tx, mut rx) = mpsc::channel(inner.settings.output_buffer.max(1));
     // Its own task, so a panic in the executor becomes a failed task, not a stuck one.
-    let mut run = tokio::spawn(inner.executor.run(inputs, tx, cancel));
+    let mut run = tokio::spawn(start(tx));
     let joined = loop {
         tokio::select! {
             out = rx.recv() => match out {

@@ -5,9 +5,10 @@
 //! cumulative. After a reconnect the outbox is rewound to the last acknowledged message so that
 //! everything after it is sent again, in order.
 //!
-//! This type owns the numbering and the retention; it never touches the network. Its storage is
-//! memory for now; the seam for the encrypted on-disk spool is this type's API: `push`, `ack`,
-//! `resume_from`/`rewind`, `next_unsent`.
+//! This type owns the numbering and the retention in memory; it never touches the network or the
+//! disk. The task manager appends every message to the task's encrypted spool
+//! ([`crate::spool::TaskSpool`]) before it pushes it here, and rebuilds an outbox from the spool
+//! after a restart ([`Outbox::restore`]).
 
 use bytes::Bytes;
 use std::collections::VecDeque;
@@ -70,6 +71,27 @@ impl Outbox {
         }
     }
 
+    /// An outbox holding `frames` (seqs `acked + 1 ..`, in order) reloaded from the spool.
+    pub fn restore(acked: u64, frames: impl IntoIterator<Item = WireFrame>) -> Self {
+        let entries: VecDeque<WireFrame> = frames.into_iter().collect();
+        let bytes = entries.iter().map(WireFrame::len).sum();
+        Outbox {
+            entries,
+            acked,
+            sent: acked,
+            bytes,
+        }
+    }
+
+    /// The peer holds everything up to `acked`, beyond what this outbox knows (its spooled
+    /// history was lost): forget what is held and number on from `acked`.
+    pub fn restart_at(&mut self, acked: u64) {
+        self.entries.clear();
+        self.bytes = 0;
+        self.acked = acked;
+        self.sent = acked;
+    }
+
     /// Seq of the last message pushed (0: none).
     pub fn last_seq(&self) -> u64 {
         self.acked + self.entries.len() as u64
@@ -87,6 +109,11 @@ impl Outbox {
         self.bytes += frame.len();
         self.entries.push_back(frame);
         seq
+    }
+
+    /// Append a message whose seq is already `last_seq() + 1`. Returns the seq.
+    pub fn push_frame(&mut self, frame: WireFrame) -> u64 {
+        self.push(|_| frame)
     }
 
     /// Cumulative acknowledgement: drop everything up to and including `seq`. An old ack is a
@@ -242,6 +269,21 @@ mod tests {
         o.ack(1).unwrap();
         assert_eq!(o.next_unsent(), Some(text(2)));
         assert_eq!(o.next_unsent(), None);
+    }
+
+    #[test]
+    fn restore_and_restart_at() {
+        let mut o = Outbox::restore(4, [text(5), text(6)]);
+        assert_eq!(o.last_seq(), 6);
+        assert_eq!(o.acked(), 4);
+        assert_eq!(drain(&mut o), vec![text(5), text(6)]);
+        o.resume_from(5).unwrap();
+        assert_eq!(drain(&mut o), vec![text(6)]);
+        o.restart_at(10);
+        assert!(o.is_empty());
+        assert_eq!(o.last_seq(), 10);
+        assert_eq!(o.push_frame(text(11)), 11);
+        assert_eq!(drain(&mut o), vec![text(11)]);
     }
 
     proptest! {

@@ -17,6 +17,14 @@ struct Run {
 struct Fake {
     runs: mpsc::UnboundedSender<Run>,
     available: Mutex<Result<(), String>>,
+    resumes: Mutex<Option<mpsc::UnboundedSender<Resumed>>>,
+}
+
+/// One `resume` call of the fake executor.
+struct Resumed {
+    journal: TaskJournal,
+    out: TaskOutputTx,
+    finish: oneshot::Sender<TaskResult>,
 }
 
 impl Executor for Fake {
@@ -43,6 +51,28 @@ impl Executor for Fake {
             }
         })
     }
+    fn resume(
+        &self,
+        journal: TaskJournal,
+        out: TaskOutputTx,
+        _cancel: CancellationToken,
+    ) -> BoxFuture<'static, TaskResult> {
+        let (finish, result) = oneshot::channel();
+        if let Some(tx) = self.resumes.lock().unwrap().as_ref() {
+            let _ = tx.send(Resumed {
+                journal,
+                out,
+                finish,
+            });
+        }
+        Box::pin(async move {
+            result.await.unwrap_or(TaskResult {
+                outcome: Outcome::Lost,
+                reason: Some("fake cannot resume".into()),
+                summary: Summary::default(),
+            })
+        })
+    }
 }
 
 struct Harness {
@@ -56,6 +86,7 @@ fn harness(settings: TaskSettings) -> Harness {
     let fake = Arc::new(Fake {
         runs: tx,
         available: Mutex::new(Ok(())),
+        resumes: Mutex::new(None),
     });
     let m = TaskManager::new(settings, fake.clone());
     m.on_connected(&[]);
@@ -748,18 +779,10 @@ fn round_robin_serves_every_task() {
         for i in 0..2 {
             outbox.push(|_| WireFrame::Text(format!("{id}-{i}")));
         }
-        st.tasks.insert(
-            Uuid::from_u128(id),
-            Entry {
-                phase: Phase::Running,
-                op: Op::Plan,
-                outbox,
-                cancel: CancellationToken::new(),
-                spec: None,
-                inputs: None,
-                done_seq: None,
-            },
-        );
+        let mut e = Entry::new(Some(Op::Plan), None);
+        e.phase = Phase::Running;
+        e.outbox = outbox;
+        st.tasks.insert(Uuid::from_u128(id), e);
     }
     let order: Vec<WireFrame> = std::iter::from_fn(|| st.next_outgoing()).collect();
     let texts: Vec<String> = order
@@ -770,4 +793,424 @@ fn round_robin_serves_every_task() {
         })
         .collect();
     assert_eq!(texts, vec!["1-0", "2-0", "1-1", "2-1"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// With a spool
+// ---------------------------------------------------------------------------------------------
+
+use crate::spool::journal::{StepJournal, StepState};
+use crate::spool::{SpoolSettings, QUARANTINE_DIR};
+use delegate_protocol::ResumePoint;
+
+const SECRET: &str = "hunter2-never-on-disk-5b1e";
+const LOG_MARKER: &str = "LOGMARKER-0c77d2";
+
+fn spool_ring() -> delegate_crypto::KeyRing {
+    delegate_crypto::KeyRing::from_key("t", &[5u8; 32]).unwrap()
+}
+
+struct Spooled {
+    h: Harness,
+    resumes: mpsc::UnboundedReceiver<Resumed>,
+}
+
+/// A manager over the spool in `dir` (reloading whatever is there), connected with `resume`.
+fn spooled(dir: &std::path::Path, settings: TaskSettings, max_bytes: u64) -> Spooled {
+    let (tx, runs) = mpsc::unbounded_channel();
+    let (rtx, resumes) = mpsc::unbounded_channel();
+    let fake = Arc::new(Fake {
+        runs: tx,
+        available: Mutex::new(Ok(())),
+        resumes: Mutex::new(Some(rtx)),
+    });
+    let (spool, loaded) = Spool::open(
+        SpoolSettings {
+            dir: dir.join("spool"),
+            max_bytes,
+            segment_bytes: 4096,
+        },
+        spool_ring(),
+    )
+    .unwrap();
+    let m = TaskManager::with_spool(settings, fake.clone(), spool, loaded);
+    Spooled {
+        h: Harness { m, fake, runs },
+        resumes,
+    }
+}
+
+/// One life of the agent: `f` runs on a runtime of its own, which is then dropped with every
+/// task it spawned, as when the process is killed.
+fn life<F>(f: impl FnOnce() -> F + Send + 'static)
+where
+    F: std::future::Future<Output = ()>,
+{
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(f());
+        drop(rt);
+    })
+    .join()
+    .expect("the first life panicked");
+}
+
+fn known(id: u128, acked_seq: u64) -> ResumePoint {
+    ResumePoint {
+        task_id: Uuid::from_u128(id),
+        acked_seq,
+        known: true,
+    }
+}
+
+fn log_line(i: usize) -> TaskOutput {
+    TaskOutput::Log {
+        stream: LogStream::Stdout,
+        data: Bytes::from(format!("{LOG_MARKER} line {i}\n")),
+    }
+}
+
+fn log_text(f: &Frame) -> Option<String> {
+    match f {
+        Frame::Binary(BinaryFrame::Log(l)) => Some(String::from_utf8_lossy(&l.data).into_owned()),
+        _ => None,
+    }
+}
+
+fn dir_bytes(dir: &std::path::Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.extend(std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+fn has(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// Start task `id` (with a secret) on a spooled manager.
+async fn start_spooled(s: &mut Spooled, id: u128) -> Run {
+    let mut task = spec(id, b"archive", None);
+    task.secrets.0.insert("TOKEN".into(), SECRET.into());
+    s.h.m.handle_message(Message::Assign(Assign { task }));
+    sent(&s.h.m);
+    s.h.m
+        .handle_binary(chunk(id, ChunkKind::Workspace, 0, true, b"archive"));
+    s.h.runs.recv().await.expect("task started")
+}
+
+#[tokio::test]
+async fn restart_resends_unacked_output_in_order_and_resumes_the_task() {
+    let tmp = tempfile::tempdir().unwrap();
+    let id = 41;
+    let dir = tmp.path().to_path_buf();
+    life(move || async move {
+        let mut s = spooled(&dir, TaskSettings::new(1), 1 << 20);
+        s.h.m.on_connected(&[]);
+        let run = start_spooled(&mut s, id).await;
+        for i in 0..6 {
+            run.out.send(log_line(i)).await.unwrap();
+        }
+        let mut got = Vec::new();
+        while got.len() < 6 {
+            got.push(next(&s.h.m).await);
+        }
+        s.h.m.handle_message(ack(id, 2));
+        // The agent dies here, with the task running.
+        std::mem::forget(run.finish);
+    });
+    let bytes = dir_bytes(tmp.path());
+    assert!(!has(&bytes, LOG_MARKER), "log output in the clear on disk");
+    assert!(!has(&bytes, SECRET), "secret on disk");
+
+    let mut s = spooled(tmp.path(), TaskSettings::new(1), 1 << 20);
+    let held = s.h.m.held_tasks();
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].task_id, Uuid::from_u128(id));
+    assert!(held[0].acked_seq <= 2);
+    assert_eq!(s.h.m.running_tasks(), vec![Uuid::from_u128(id)]);
+    let resumed = s.resumes.recv().await.expect("resumed");
+    assert_eq!(resumed.journal.spec.task_id, Uuid::from_u128(id));
+    assert!(resumed.journal.spec.secrets.0.is_empty());
+    assert_eq!(resumed.journal.secret_names, vec!["TOKEN".to_string()]);
+
+    // The control plane stored up to seq 4 (acks 3 and 4 were lost with the agent).
+    s.h.m.on_connected(&[known(id, 4)]);
+    let resent: Vec<Frame> = sent(&s.h.m);
+    assert_eq!(
+        resent.iter().filter_map(seq_of).collect::<Vec<_>>(),
+        vec![5, 6]
+    );
+    assert_eq!(
+        log_text(&resent[0]).unwrap(),
+        format!("{LOG_MARKER} line 4\n")
+    );
+    // The resumed run goes on numbering after what was spooled.
+    resumed.out.send(log_line(6)).await.unwrap();
+    assert_eq!(seq_of(&next(&s.h.m).await), Some(7));
+    resumed.finish.send(result(Outcome::Succeeded)).unwrap();
+    let done = next(&s.h.m).await;
+    assert!(matches!(&done, Frame::Control(Message::Done(d)) if d.seq == 8));
+    s.h.m.handle_message(ack(id, 8));
+    assert_eq!(s.h.m.held(), 0);
+    assert!(
+        !tmp.path()
+            .join("spool")
+            .join(Uuid::from_u128(id).to_string())
+            .exists(),
+        "spool files deleted once done is acknowledged"
+    );
+}
+
+#[tokio::test]
+async fn a_finished_task_is_resent_not_resumed_and_unknown_tasks_are_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    life(move || async move {
+        let mut s = spooled(&dir, TaskSettings::new(2), 1 << 20);
+        s.h.m.on_connected(&[]);
+        for id in [51, 52] {
+            let run = start_spooled(&mut s, id).await;
+            run.out.send(log_line(0)).await.unwrap();
+            run.finish.send(result(Outcome::Succeeded)).unwrap();
+        }
+        let mut dones = 0;
+        while dones < 2 {
+            if matches!(next(&s.h.m).await, Frame::Control(Message::Done(_))) {
+                dones += 1;
+            }
+        }
+    });
+    let mut s = spooled(tmp.path(), TaskSettings::new(2), 1 << 20);
+    assert_eq!(s.h.m.held(), 2);
+    assert!(s.h.m.running_tasks().is_empty());
+    assert_eq!(s.h.m.busy_slots(), 0);
+    s.h.m.on_connected(&[
+        known(51, 1),
+        ResumePoint {
+            task_id: Uuid::from_u128(52),
+            acked_seq: 0,
+            known: false,
+        },
+    ]);
+    let resent = sent(&s.h.m);
+    // Seq 1 was the log line; 2 the done.
+    assert_eq!(
+        resent.iter().filter_map(seq_of).collect::<Vec<_>>(),
+        vec![2]
+    );
+    assert!(
+        matches!(&resent[0], Frame::Control(Message::Done(d)) if d.outcome == Outcome::Succeeded)
+    );
+    assert!(s.resumes.try_recv().is_err(), "nothing resumed");
+    assert!(!tmp
+        .path()
+        .join("spool")
+        .join(Uuid::from_u128(52).to_string())
+        .exists());
+    s.h.m.handle_message(ack(51, 2));
+    assert_eq!(s.h.m.held(), 0);
+}
+
+#[tokio::test]
+async fn a_damaged_spool_ends_that_task_lost_naming_the_file_and_spares_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    life(move || async move {
+        let mut s = spooled(&dir, TaskSettings::new(2), 1 << 20);
+        s.h.m.on_connected(&[]);
+        for id in [61, 62] {
+            let run = start_spooled(&mut s, id).await;
+            for i in 0..3 {
+                run.out.send(log_line(i)).await.unwrap();
+            }
+            std::mem::forget(run.finish);
+        }
+        let mut n = 0;
+        while n < 6 {
+            next(&s.h.m).await;
+            n += 1;
+        }
+    });
+    let victim = std::fs::read_dir(
+        tmp.path()
+            .join("spool")
+            .join(Uuid::from_u128(61).to_string()),
+    )
+    .unwrap()
+    .next()
+    .unwrap()
+    .unwrap()
+    .path();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let at = bytes.len() - 20;
+    bytes[at] ^= 0xff;
+    std::fs::write(&victim, &bytes).unwrap();
+
+    let mut s = spooled(tmp.path(), TaskSettings::new(2), 1 << 20);
+    assert_eq!(s.h.m.held(), 2);
+    // Task 62 is resumed; 61 is not.
+    let resumed = s.resumes.recv().await.unwrap();
+    assert_eq!(resumed.journal.spec.task_id, Uuid::from_u128(62));
+    assert!(tmp.path().join("spool").join(QUARANTINE_DIR).exists());
+    s.h.m.on_connected(&[known(61, 2), known(62, 3)]);
+    let frames = sent(&s.h.m);
+    let done = frames
+        .iter()
+        .find_map(|f| match f {
+            Frame::Control(Message::Done(d)) => Some(d.clone()),
+            _ => None,
+        })
+        .expect("a done for the damaged task");
+    assert_eq!(done.task_id, Uuid::from_u128(61));
+    assert_eq!(done.seq, 3, "right after the control plane's resume point");
+    assert_eq!(done.outcome, Outcome::Lost);
+    let reason = done.reason.unwrap();
+    assert!(reason.contains(&victim.display().to_string()), "{reason}");
+    assert!(reason.contains("integrity"), "{reason}");
+    // The other task goes on.
+    resumed.out.send(log_line(9)).await.unwrap();
+    let f = next(&s.h.m).await;
+    assert_eq!(seq_of(&f), Some(4));
+    assert_eq!(log_text(&f).unwrap(), format!("{LOG_MARKER} line 9\n"));
+}
+
+#[tokio::test]
+async fn a_full_spool_holds_the_executor_back_without_dropping_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut settings = TaskSettings::new(1);
+    settings.output_buffer = 1;
+    let mut s = spooled(tmp.path(), settings, 3000);
+    s.h.m.on_connected(&[]);
+    let id = 71;
+    let run = start_spooled(&mut s, id).await;
+    let total = 60;
+    let out = run.out.clone();
+    let producer = tokio::spawn(async move {
+        for i in 0..total {
+            out.send(log_line(i)).await.unwrap();
+        }
+    });
+    // Without acks the spool fills and the producer is held back.
+    let mut received = Vec::new();
+    loop {
+        tokio::select! {
+            f = next(&s.h.m) => received.push(f),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => break,
+        }
+    }
+    assert!(!producer.is_finished(), "the executor must be held back");
+    assert!(received.len() < total + 1);
+    let stats = s.h.m.spool_stats().unwrap();
+    assert!(stats.waits >= 1, "{stats:?}");
+    // Acks make room; everything arrives once, in order.
+    while received.iter().filter(|f| log_text(f).is_some()).count() < total {
+        let last = received.iter().filter_map(seq_of).max().unwrap_or(0);
+        s.h.m.handle_message(ack(id, last));
+        received.push(next(&s.h.m).await);
+    }
+    producer.await.unwrap();
+    let logs: Vec<String> = received.iter().filter_map(log_text).collect();
+    let expected: Vec<String> = (0..total)
+        .map(|i| format!("{LOG_MARKER} line {i}\n"))
+        .collect();
+    assert_eq!(logs, expected);
+    let seqs: Vec<u64> = received.iter().filter_map(seq_of).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn journal_updates_and_artifact_notes_survive_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let id = 81;
+    let dir = tmp.path().to_path_buf();
+    life(move || async move {
+        let mut s = spooled(&dir, TaskSettings::new(1), 1 << 20);
+        s.h.m.on_connected(&[]);
+        let run = start_spooled(&mut s, id).await;
+        let exec = crate::spool::journal::ExecJournal {
+            image: "img".into(),
+            binary: "tofu".into(),
+            network: "net".into(),
+            gateway: "172.31.0.1".into(),
+            volume: "vol".into(),
+            cache_volume: None,
+            timeout_secs: 600,
+            backend: None,
+            steps: vec![StepJournal {
+                name: "plan".into(),
+                state: StepState::Started,
+            }],
+            summary: Summary::default(),
+            plan_exit: None,
+        };
+        let (saved, ok) = oneshot::channel();
+        run.out
+            .send(TaskOutput::Journal {
+                exec: Box::new(exec),
+                saved,
+            })
+            .await
+            .unwrap();
+        assert_eq!(ok.await.unwrap(), Ok(()));
+        run.out
+            .send(TaskOutput::Artifact {
+                kind: ChunkKind::Plan,
+                data: vec![7u8; 3 * OUT_CHUNK + 5],
+            })
+            .await
+            .unwrap();
+        let mut n = 0;
+        while n < 5 {
+            next(&s.h.m).await;
+            n += 1;
+        }
+        std::mem::forget(run.finish);
+    });
+    let mut s = spooled(tmp.path(), TaskSettings::new(1), 1 << 20);
+    let resumed = s.resumes.recv().await.unwrap();
+    let j = resumed.journal;
+    assert_eq!(j.artifacts, vec![ChunkKind::Plan]);
+    let exec = j.exec.unwrap();
+    assert_eq!(exec.steps[0].state, StepState::Started);
+    assert_eq!(exec.network, "net");
+}
+
+#[tokio::test]
+async fn without_a_spool_journal_updates_are_acknowledged() {
+    let mut h = harness(TaskSettings::new(1));
+    let run = start(&mut h, 91, b"a").await;
+    let (saved, ok) = oneshot::channel();
+    run.out
+        .send(TaskOutput::Journal {
+            exec: Box::new(crate::spool::journal::ExecJournal {
+                image: String::new(),
+                binary: String::new(),
+                network: String::new(),
+                gateway: String::new(),
+                volume: String::new(),
+                cache_volume: None,
+                timeout_secs: 1,
+                backend: None,
+                steps: vec![],
+                summary: Summary::default(),
+                plan_exit: None,
+            }),
+            saved,
+        })
+        .await
+        .unwrap();
+    assert_eq!(ok.await.unwrap(), Ok(()));
 }
