@@ -141,6 +141,7 @@ pub struct FileConfig {
     pub egress: EgressFile,
     pub log: LogFile,
     pub metrics: MetricsFile,
+    pub spool: SpoolFile,
 }
 
 /// The sections of [`FileConfig`]; each is checked key by key.
@@ -151,7 +152,16 @@ const SECTIONS: &[&str] = &[
     "egress",
     "log",
     "metrics",
+    "spool",
 ];
+
+/// `[spool]`: the encrypted spool of unacknowledged task output.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpoolFile {
+    /// Bound on the spool's files: bytes, or a size like `"256m"`; at least 4m.
+    pub max_bytes: Option<crate::spool::SizeSetting>,
+}
 
 /// `[metrics]`: off unless `listen` is set.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -357,8 +367,16 @@ pub struct Config {
     pub log: LogConfig,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: not at all.
     pub metrics: Option<crate::metrics::MetricsListen>,
+    pub spool: SpoolConfig,
     /// Things worth a log line that do not stop the agent (e.g. an unused `DELEGATE_*` variable).
     pub warnings: Vec<String>,
+}
+
+/// The `[spool]` section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpoolConfig {
+    /// When the spool's files reach this, task output waits for acknowledgements.
+    pub max_bytes: u64,
 }
 
 /// Where the agent endpoint is.
@@ -556,6 +574,8 @@ fn check_structure(
             Ok(()) => {
                 sane.insert(key, value);
             }
+            // The spool key is read by the binary itself, never through the configuration.
+            Err(_) if from_env && key == "spool_key" => {}
             Err(msg) if from_env && msg.starts_with("unknown field") => {
                 let var = format!("{ENV_PREFIX}_{}", key.to_uppercase());
                 warnings.push(format!(
@@ -582,6 +602,7 @@ fn check_section(
             "egress" => check_entry::<EgressFile>(&key, &value),
             "log" => check_entry::<LogFile>(&key, &value),
             "metrics" => check_entry::<MetricsFile>(&key, &value),
+            "spool" => check_entry::<SpoolFile>(&key, &value),
             _ => Ok(()),
         };
         match result {
@@ -790,6 +811,13 @@ impl FileConfig {
             level: self.log.level.unwrap_or(LogLevel::Info),
             format: self.log.format.unwrap_or(LogFormat::Text),
         };
+        let spool = SpoolConfig {
+            max_bytes: crate::spool::max_bytes_setting(self.spool.max_bytes.as_ref())
+                .unwrap_or_else(|m| {
+                    issues.push(Issue::new("spool.max_bytes", m));
+                    crate::spool::DEFAULT_MAX_BYTES
+                }),
+        };
 
         if !issues.is_empty() {
             return Err(issues);
@@ -821,6 +849,7 @@ impl FileConfig {
             egress,
             log,
             metrics,
+            spool,
             warnings: Vec::new(),
         })
     }
@@ -1308,6 +1337,26 @@ format = "text"
         issues
             .iter()
             .any(|i| i.key == key && i.message.contains(needle))
+    }
+
+    #[test]
+    fn spool_max_bytes_from_file_and_environment() {
+        let c = load_text(GOOD, &[]).unwrap();
+        assert_eq!(c.spool.max_bytes, crate::spool::DEFAULT_MAX_BYTES);
+        let c = load_text(&format!("{GOOD}[spool]\nmax_bytes = \"64m\"\n"), &[]).unwrap();
+        assert_eq!(c.spool.max_bytes, 64 << 20);
+        let c = load_text(&format!("{GOOD}[spool]\nmax_bytes = 8388608\n"), &[]).unwrap();
+        assert_eq!(c.spool.max_bytes, 8 << 20);
+        let c = load_text(GOOD, &[("DELEGATE_SPOOL__MAX_BYTES", "1g")]).unwrap();
+        assert_eq!(c.spool.max_bytes, 1 << 30);
+        let issues = issues_of(&format!("{GOOD}[spool]\nmax_bytes = 1024\n"), &[]);
+        assert!(has(&issues, "spool.max_bytes", "at least"), "{issues:?}");
+        let issues = issues_of(&format!("{GOOD}[spool]\nsize = 1\n"), &[]);
+        assert!(issues.iter().any(|i| i.key == "spool.size"), "{issues:?}");
+        // The spool key is not a setting, and not worth a warning either.
+        let key = "ab".repeat(32);
+        let c = load_text(GOOD, &[("DELEGATE_SPOOL_KEY", key.as_str())]).unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     }
 
     #[test]

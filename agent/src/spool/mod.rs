@@ -136,6 +136,31 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Spo
     }
 }
 
+/// `[spool] max_bytes` as written in the configuration: a byte count, or a size such as
+/// `"256m"` (powers of 1024, as the other size keys).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum SizeSetting {
+    Bytes(u64),
+    Text(String),
+}
+
+/// The spool bound from its setting (default [`DEFAULT_MAX_BYTES`]), at least [`MIN_MAX_BYTES`].
+pub fn max_bytes_setting(v: Option<&SizeSetting>) -> Result<u64, String> {
+    let bytes = match v {
+        None => return Ok(DEFAULT_MAX_BYTES),
+        Some(SizeSetting::Bytes(b)) => *b,
+        Some(SizeSetting::Text(t)) => crate::config::parse_size(t)
+            .and_then(|b| u64::try_from(b).map_err(|_| format!("{t:?} is negative")))?,
+    };
+    if bytes < MIN_MAX_BYTES {
+        return Err(format!(
+            "{bytes} bytes is too small: the spool needs at least {MIN_MAX_BYTES} bytes (4m) to hold a task's largest messages"
+        ));
+    }
+    Ok(bytes)
+}
+
 /// Where and how big.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpoolSettings {
@@ -147,10 +172,16 @@ pub struct SpoolSettings {
 
 impl SpoolSettings {
     pub fn new(dir: PathBuf) -> SpoolSettings {
+        Self::with_max(dir, DEFAULT_MAX_BYTES)
+    }
+
+    /// Segments of a sixteenth of the bound (64 KiB to 4 MiB), so acknowledgements free space
+    /// in steps well below the bound.
+    pub fn with_max(dir: PathBuf, max_bytes: u64) -> SpoolSettings {
         SpoolSettings {
             dir,
-            max_bytes: DEFAULT_MAX_BYTES,
-            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            max_bytes,
+            segment_bytes: (max_bytes / 16).clamp(ROLL_ACKED_BYTES, DEFAULT_SEGMENT_BYTES),
         }
     }
 }

@@ -554,3 +554,25 @@ fn env_key_is_used_without_writing_a_key_file() {
     let err = keys::load(tmp.path(), Some("not-hex")).unwrap_err();
     assert!(!err.to_string().contains("not-hex"));
 }
+
+#[test]
+fn max_bytes_setting_parses_sizes_and_refuses_tiny_bounds() {
+    assert_eq!(max_bytes_setting(None), Ok(DEFAULT_MAX_BYTES));
+    assert_eq!(
+        max_bytes_setting(Some(&SizeSetting::Text("512m".into()))),
+        Ok(512 << 20)
+    );
+    assert_eq!(
+        max_bytes_setting(Some(&SizeSetting::Bytes(8 << 20))),
+        Ok(8 << 20)
+    );
+    let e = max_bytes_setting(Some(&SizeSetting::Bytes(1000))).unwrap_err();
+    assert!(e.contains("at least"), "{e}");
+    assert!(max_bytes_setting(Some(&SizeSetting::Text("lots".into()))).is_err());
+    let s = SpoolSettings::with_max(PathBuf::from("/x"), 8 << 20);
+    assert_eq!(s.segment_bytes, 512 << 10);
+    assert_eq!(
+        SpoolSettings::new(PathBuf::from("/x")).segment_bytes,
+        DEFAULT_SEGMENT_BYTES
+    );
+}
