@@ -303,7 +303,8 @@ async fn get_artifact(
         .into_iter()
         .find(|a| a.kind == kind)
         .ok_or_else(|| ApiError::not_found(format!("task {id} has no {kind} artifact")))?;
-    let data = cp.blobs.get(&kind, &a.blob).map_err(ApiError::internal)?;
+    let what = format!("{kind} artifact of task {}", t.id);
+    let data = cp.blobs.get(&what, &a.blob).map_err(ApiError::internal)?;
     let ctype = if kind == "plan_json" {
         "application/json"
     } else {

@@ -215,6 +215,10 @@ impl DataDir {
     pub fn blobs(&self) -> PathBuf {
         self.root.join("blobs")
     }
+    /// At-rest keys: `<id>.key` files (0600) and `current`.
+    pub fn keys_dir(&self) -> PathBuf {
+        self.root.join("keys")
+    }
     pub fn agents_dir(&self) -> PathBuf {
         self.root.join("agents")
     }

@@ -56,8 +56,8 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    pub fn open(dd: DataDir, config: CpConfig) -> Result<ControlPlane, CpError> {
-        let at_rest = AtRest::default();
+    /// Open the database and blob store of `dd`, sealing with `at_rest`'s keys.
+    pub fn open(dd: DataDir, config: CpConfig, at_rest: AtRest) -> Result<ControlPlane, CpError> {
         let store = Store::open(&dd.db(), at_rest.clone())?;
         let blobs = BlobStore::open(&dd.blobs(), at_rest)?;
         Ok(Self::with_parts(dd, config, store, blobs))

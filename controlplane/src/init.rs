@@ -1,8 +1,8 @@
 //! `delegate-cp init`: create a data directory — config, agent CA, server certificate, API token,
-//! database, and one ready-to-run bundle per agent.
+//! at-rest key, database, and one ready-to-run bundle per agent.
 //!
-//! Owns: the data directory layout on disk and file modes (private keys and the token 0600).
-//! Never overwrites an existing control plane.
+//! Owns: the data directory layout on disk and file modes (private keys, the at-rest key and the
+//! token 0600). Never overwrites an existing control plane or an existing at-rest key.
 
 use crate::at_rest::AtRest;
 use crate::config::{CpConfig, DataDir};
@@ -29,6 +29,8 @@ pub enum InitError {
     Pki(#[from] PkiError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("at-rest key: {0}")]
+    Keys(String),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -116,6 +118,20 @@ pub fn init(dd: &DataDir, opts: &InitOptions) -> Result<InitReport, InitError> {
             &config.default_pool,
             &url,
         )?);
+    }
+    // The at-rest key: `DIR/keys/<id>.key`, 0600. No `current` file, so `DELEGATE_CP_KEY`, when
+    // set at serve, is the current key instead (see `at_rest`); `keys rotate` names one later.
+    // Keys someone placed there beforehand are kept.
+    let has_key = std::fs::read_dir(dd.keys_dir()).is_ok_and(|mut d| {
+        d.any(|e| {
+            e.ok()
+                .and_then(|e| e.file_name().to_str().map(|n| n.ends_with(".key")))
+                .unwrap_or(false)
+        })
+    });
+    if !has_key {
+        delegate_crypto::generate_key_file(&dd.keys_dir())
+            .map_err(|e| InitError::Keys(e.to_string()))?;
     }
     // The database last: its presence is one of the "already initialised" markers.
     drop(Store::open(&dd.db(), AtRest::default())?);
@@ -242,14 +258,23 @@ mod tests {
         };
         let report = init(&dd, &opts).unwrap();
         assert_eq!(report.agent_configs.len(), 2);
+        let keys: Vec<_> = std::fs::read_dir(dd.keys_dir())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(keys.len(), 1, "one at-rest key: {keys:?}");
+        assert_eq!(mode(&dd.keys_dir()), 0o700);
         for p in [
             dd.ca_key(),
             dd.server_key(),
             dd.api_token(),
             dd.agent_dir("a1").join("agent.key"),
+            keys[0].clone(),
         ] {
             assert_eq!(mode(&p), 0o600, "{}", p.display());
         }
+        let at = crate::at_rest::AtRest::load(&dd.keys_dir(), None).unwrap();
+        assert!(keys[0].ends_with(format!("{}.key", at.current_key_id())));
         let toml = std::fs::read_to_string(dd.agent_dir("a2").join("agent.toml")).unwrap();
         assert!(
             toml.contains("url = \"wss://cp.internal:9443/v1/agent\""),

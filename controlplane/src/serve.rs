@@ -49,8 +49,17 @@ pub struct Running {
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// Bind and start serving; returns once both listeners are up.
+/// Bind and start serving; returns once both listeners are up. The at-rest keys are
+/// `DIR/keys/` plus `DELEGATE_CP_KEY` when set.
 pub async fn start(dd: &DataDir) -> Result<Running, ServeError> {
+    let env_key = std::env::var(crate::at_rest::KEY_ENV)
+        .ok()
+        .map(zeroize::Zeroizing::new);
+    start_with_key(dd, env_key.as_deref().map(String::as_str)).await
+}
+
+/// [`start`] with the environment key given explicitly (`None`: key files only).
+pub async fn start_with_key(dd: &DataDir, env_key: Option<&str>) -> Result<Running, ServeError> {
     if !dd.config().exists() {
         return Err(ServeError::NotInitialised(dd.root.display().to_string()));
     }
@@ -77,7 +86,9 @@ pub async fn start(dd: &DataDir) -> Result<Running, ServeError> {
     let agent_addr = local_addr(&agent_listener, "agent endpoint")?;
     let api_addr = local_addr(&api_listener, "user API")?;
 
-    let cp = Arc::new(ControlPlane::open(dd.clone(), config)?);
+    let at_rest = crate::at_rest::AtRest::load(&dd.keys_dir(), env_key)
+        .map_err(|e| ServeError::Cp(CpError::AtRest(e)))?;
+    let cp = Arc::new(ControlPlane::open(dd.clone(), config, at_rest)?);
     // Whatever the database says from a previous run, nobody is connected now.
     if let Err(e) = cp
         .store

@@ -120,7 +120,7 @@ impl ControlPlane {
         let target = format!("workspace/{ws}");
         Ok(match r.method {
             StateMethod::Get => match self.store.state_latest(ws)? {
-                Some(v) => (200, Some(self.blobs.get("state", &v.blob)?)),
+                Some(v) => (200, Some(self.state_bytes(&v)?)),
                 None => (204, None),
             },
             StateMethod::Post => {
@@ -319,9 +319,11 @@ impl ControlPlane {
         }
     }
 
+    /// The bytes of a state version; a damaged blob is an error naming the version.
     pub fn state_bytes(&self, v: &StateVersionRow) -> Result<Vec<u8>, StateError> {
+        let what = format!("state version {} of workspace {}", v.version, v.workspace);
         self.blobs
-            .get("state", &v.blob)
+            .get(&what, &v.blob)
             .map_err(|e| StateError::Storage(e.to_string()))
     }
 }

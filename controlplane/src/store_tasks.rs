@@ -2,8 +2,10 @@
 //! artifacts, done), state transitions and listing.
 //!
 //! Owns: the task queries of [`Store`]. Never stores secret values: only their names are kept,
-//! in `TaskInputs::secret_names`.
+//! in `TaskInputs::secret_names`. Log data, artifact parts and summaries (which carry tofu
+//! outputs) are sealed ([`crate::at_rest`]) before they reach SQLite.
 
+use crate::at_rest::AtRest;
 use crate::seq::{classify, SeqDecision};
 use crate::store::{Store, StoreError};
 use delegate_protocol::{Op, Outcome, Summary};
@@ -147,20 +149,30 @@ fn corrupt(what: &str, id: &str) -> rusqlite::Error {
     )
 }
 
-fn task_from_row(r: &Row<'_>) -> rusqlite::Result<TaskRow> {
+/// A task row as read, its summary still sealed.
+struct RawTask {
+    row: TaskRow,
+    sealed_summary: Option<Vec<u8>>,
+}
+
+fn task_from_row(r: &Row<'_>) -> rusqlite::Result<RawTask> {
     let id: String = r.get(0)?;
     let uuid = Uuid::parse_str(&id).map_err(|_| corrupt("id", &id))?;
     let op: String = r.get(1)?;
     let state: String = r.get(4)?;
     let outcome: Option<String> = r.get(5)?;
-    let summary: Option<String> = r.get(7)?;
+    let sealed_summary: Option<Vec<u8>> = match r.get_ref(7)? {
+        rusqlite::types::ValueRef::Null => None,
+        rusqlite::types::ValueRef::Blob(b) => Some(b.to_vec()),
+        _ => return Err(corrupt("summary (not sealed)", &id)),
+    };
     let inputs: String = r.get(9)?;
     let plan_blob: Option<String> = r.get(13)?;
     let parse_uuid = |v: Option<String>, what: &str| -> rusqlite::Result<Option<Uuid>> {
         v.map(|s| Uuid::parse_str(&s).map_err(|_| corrupt(what, &id)))
             .transpose()
     };
-    Ok(TaskRow {
+    let row = TaskRow {
         id: uuid,
         op: Op::parse(&op).ok_or_else(|| corrupt("op", &id))?,
         workspace: r.get(2)?,
@@ -170,9 +182,7 @@ fn task_from_row(r: &Row<'_>) -> rusqlite::Result<TaskRow> {
             .map(|o| Outcome::parse(&o).ok_or_else(|| corrupt("outcome", &id)))
             .transpose()?,
         reason: r.get(6)?,
-        summary: summary
-            .map(|s| serde_json::from_str(&s).map_err(|_| corrupt("summary", &id)))
-            .transpose()?,
+        summary: None,
         agent: r.get(8)?,
         inputs: serde_json::from_str(&inputs).map_err(|_| corrupt("inputs", &id))?,
         archive: StoredBlob {
@@ -198,28 +208,54 @@ fn task_from_row(r: &Row<'_>) -> rusqlite::Result<TaskRow> {
         assigned_at_ms: r.get(23)?,
         started_at_ms: r.get(24)?,
         finished_at_ms: r.get(25)?,
+    };
+    Ok(RawTask {
+        row,
+        sealed_summary,
     })
 }
 
-fn get_task(c: &Connection, id: Uuid) -> Result<Option<TaskRow>, StoreError> {
-    Ok(c.query_row(
+fn unseal_task(at_rest: &AtRest, raw: RawTask) -> Result<TaskRow, StoreError> {
+    let RawTask {
+        mut row,
+        sealed_summary,
+    } = raw;
+    if let Some(sealed) = sealed_summary {
+        let what = format!("summary of task {}", row.id);
+        let json = at_rest.open(&what, &sealed)?;
+        row.summary = Some(
+            serde_json::from_slice(&json)
+                .map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))?,
+        );
+    }
+    Ok(row)
+}
+
+fn get_task(c: &Connection, at_rest: &AtRest, id: Uuid) -> Result<Option<TaskRow>, StoreError> {
+    c.query_row(
         &format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"),
         [id.to_string()],
         task_from_row,
     )
-    .optional()?)
+    .optional()?
+    .map(|raw| unseal_task(at_rest, raw))
+    .transpose()
 }
 
 /// Finish a task inside a transaction (no-op if already finished). Returns whether it changed.
+/// The summary is sealed (it holds tofu outputs).
 pub fn finish_in(
     c: &Connection,
+    at_rest: &AtRest,
     id: Uuid,
     outcome: Outcome,
     reason: Option<&str>,
     summary: Option<&Summary>,
     now_ms: i64,
 ) -> Result<bool, StoreError> {
-    let summary = summary.map(|s| serde_json::to_string(s).unwrap_or_default());
+    let summary = summary
+        .map(|s| at_rest.seal(&serde_json::to_vec(s).unwrap_or_default()))
+        .transpose()?;
     let n = c.execute(
         "UPDATE tasks SET state = 'finished', outcome = ?2, reason = ?3, summary = ?4,
              finished_at_ms = ?5
@@ -274,17 +310,33 @@ pub fn insert_part(
     Ok(())
 }
 
-/// Take (and delete) the stored parts of an artifact, in order (still sealed).
-pub fn take_parts(c: &Connection, id: Uuid, kind: &str) -> Result<Vec<Vec<u8>>, StoreError> {
-    let parts = c
-        .prepare("SELECT data FROM artifact_parts WHERE task_id = ?1 AND kind = ?2 ORDER BY seq")?
-        .query_map(params![id.to_string(), kind], |r| r.get::<_, Vec<u8>>(0))?
-        .collect::<Result<Vec<_>, _>>()?;
+/// Hand the stored parts of an artifact to `each`, in order, one at a time (opened: `each` gets
+/// plaintext), then delete them. A part that fails to open stops it with an integrity error
+/// naming the task, kind and sequence number.
+pub fn drain_parts(
+    c: &Connection,
+    at_rest: &AtRest,
+    id: Uuid,
+    kind: &str,
+    mut each: impl FnMut(&[u8]) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    {
+        let mut stmt = c.prepare(
+            "SELECT seq, data FROM artifact_parts WHERE task_id = ?1 AND kind = ?2 ORDER BY seq",
+        )?;
+        let mut rows = stmt.query(params![id.to_string(), kind])?;
+        while let Some(r) = rows.next()? {
+            let seq: i64 = r.get(0)?;
+            let sealed = r.get_ref(1)?.as_blob().map_err(rusqlite::Error::from)?;
+            let what = format!("{kind} artifact part of task {id} seq {seq}");
+            each(&at_rest.open(&what, sealed)?)?;
+        }
+    }
     c.execute(
         "DELETE FROM artifact_parts WHERE task_id = ?1 AND kind = ?2",
         params![id.to_string(), kind],
     )?;
-    Ok(parts)
+    Ok(())
 }
 
 pub fn insert_artifact(
@@ -344,7 +396,7 @@ impl Store {
     }
 
     pub fn task(&self, id: Uuid) -> Result<Option<TaskRow>, StoreError> {
-        get_task(&self.db(), id)
+        get_task(&self.db(), &self.at_rest, id)
     }
 
     /// All tasks, newest first.
@@ -356,7 +408,10 @@ impl Store {
             ))?
             .query_map([], task_from_row)?
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+        drop(db);
+        rows.into_iter()
+            .map(|raw| unseal_task(&self.at_rest, raw))
+            .collect()
     }
 
     /// Queued tasks, oldest first.
@@ -386,7 +441,10 @@ impl Store {
             ))?
             .query_map(p, task_from_row)?
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+        drop(db);
+        rows.into_iter()
+            .map(|raw| unseal_task(&self.at_rest, raw))
+            .collect()
     }
 
     pub fn task_counts(&self) -> Result<BTreeMap<String, u64>, StoreError> {
@@ -445,7 +503,15 @@ impl Store {
         summary: Option<&Summary>,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
-        finish_in(&self.db(), id, outcome, reason, summary, now_ms)
+        finish_in(
+            &self.db(),
+            &self.at_rest,
+            id,
+            outcome,
+            reason,
+            summary,
+            now_ms,
+        )
     }
 
     pub fn set_cancel_requested(&self, id: Uuid) -> Result<(), StoreError> {
@@ -513,7 +579,8 @@ impl Store {
         drop(db);
         rows.into_iter()
             .map(|mut row| {
-                row.data = self.at_rest.open("log", &row.data)?;
+                let what = format!("log of task {id} seq {}", row.seq);
+                row.data = self.at_rest.open(&what, &row.data)?;
                 Ok(row)
             })
             .collect()
@@ -636,9 +703,8 @@ mod tests {
         let id = Uuid::from_u128(1);
         s.insert_task(&new_task(1, Op::Plan), 10).unwrap();
         let log = |seq: u64, text: &'static str| {
-            s.sequenced(id, seq, |c| {
-                insert_log(c, id, seq, "stdout", text.as_bytes(), 1)
-            })
+            let sealed = s.at_rest().seal(text.as_bytes()).unwrap();
+            s.sequenced(id, seq, |c| insert_log(c, id, seq, "stdout", &sealed, 1))
         };
         assert_eq!(log(1, "a").unwrap(), SeqDecision::Store);
         assert_eq!(log(2, "b").unwrap(), SeqDecision::Store);
@@ -661,15 +727,20 @@ mod tests {
         let s = Store::open_in_memory().unwrap();
         let id = Uuid::from_u128(1);
         s.insert_task(&new_task(1, Op::Plan), 10).unwrap();
-        s.sequenced(id, 1, |c| insert_part(c, id, 1, "plan", b"ab"))
+        let seal = |b: &[u8]| s.at_rest().seal(b).unwrap();
+        s.sequenced(id, 1, |c| insert_part(c, id, 1, "plan", &seal(b"ab")))
             .unwrap();
         s.sequenced(id, 2, |c| insert_event(c, id, 2, 5, "{}"))
             .unwrap();
-        s.sequenced(id, 3, |c| insert_part(c, id, 3, "plan", b"cd"))
+        s.sequenced(id, 3, |c| insert_part(c, id, 3, "plan", &seal(b"cd")))
             .unwrap();
         s.sequenced(id, 4, |c| {
-            let parts = take_parts(c, id, "plan")?;
-            assert_eq!(parts.concat(), b"abcd");
+            let mut joined = Vec::new();
+            drain_parts(c, s.at_rest(), id, "plan", |p| {
+                joined.extend_from_slice(p);
+                Ok(())
+            })?;
+            assert_eq!(joined, b"abcd");
             insert_artifact(
                 c,
                 id,

@@ -431,12 +431,14 @@ impl ControlPlane {
                     self.audit(agent, "task.accepted", &id.to_string(), "");
                     self.notify_change();
                 }
-                let mut binary = match self.blobs.get("archive", &t.archive.blob) {
+                let what = format!("workspace archive of task {id}");
+                let mut binary = match self.blobs.get(&what, &t.archive.blob) {
                     Ok(data) => input_chunks(id, ChunkKind::Workspace, &data),
                     Err(e) => return Err(self.input_missing(agent, &t, "workspace archive", e)),
                 };
                 if let Some(plan) = &t.plan {
-                    match self.blobs.get("plan", &plan.blob) {
+                    let what = format!("approved plan of task {id}");
+                    match self.blobs.get(&what, &plan.blob) {
                         Ok(data) => binary.extend(input_chunks(id, ChunkKind::Plan, &data)),
                         Err(e) => return Err(self.input_missing(agent, &t, "approved plan", e)),
                     }
@@ -542,44 +544,42 @@ impl ControlPlane {
             .store
             .sequenced(id, seq, |c| match &item {
                 Item::Log { stream, data } => {
-                    st::insert_log(c, id, seq, stream, &at_rest.seal("log", data), now)
+                    st::insert_log(c, id, seq, stream, &at_rest.seal(data)?, now)
                 }
                 Item::Event(e) => {
                     let json = serde_json::to_string(&e.event).unwrap_or_else(|_| "{}".into());
                     st::insert_event(c, id, seq, e.at_ms as i64, &json)
                 }
                 Item::Part(p) => {
-                    st::insert_part(c, id, seq, p.kind.as_str(), &at_rest.seal("artifact", &p.data))
+                    st::insert_part(c, id, seq, p.kind.as_str(), &at_rest.seal(&p.data)?)
                 }
                 Item::Artifact(a) => {
-                    let parts = st::take_parts(c, id, a.kind.as_str())?;
-                    let mut data = Vec::new();
-                    for p in parts {
-                        data.extend_from_slice(&at_rest.open("artifact", &p)?);
-                    }
-                    let sha = sha256_hex(&data);
-                    if data.len() as u64 != a.size || sha != a.sha256 {
+                    // Streamed from the sealed parts into a sealed blob, hashed on the way.
+                    let kind = a.kind.as_str();
+                    let mut blob = self
+                        .blobs
+                        .writer(&format!("{kind} artifact of task {id}"))?;
+                    st::drain_parts(c, &at_rest, id, kind, |part| Ok(blob.write(part)?))?;
+                    let (size, sha) = (blob.size(), blob.sha256());
+                    if size != a.size || sha != a.sha256 {
                         let reason = format!(
-                            "artifact {} does not match what the agent announced: received {} bytes \
-                             with sha256 {sha}, announced {} bytes with sha256 {}",
-                            a.kind.as_str(),
-                            data.len(),
-                            a.size,
-                            a.sha256
+                            "artifact {kind} does not match what the agent announced: received \
+                             {size} bytes with sha256 {sha}, announced {} bytes with sha256 {}",
+                            a.size, a.sha256
                         );
                         st::set_fail_reason(c, id, &reason)?;
                         artifact_note = Some(reason);
                         return Ok(());
                     }
-                    let blob = self.blobs.put(a.kind.as_str(), &data)?;
+                    let put = blob.commit()?;
                     st::insert_artifact(
                         c,
                         id,
-                        a.kind.as_str(),
+                        kind,
                         &StoredBlob {
-                            blob,
-                            size: a.size,
-                            sha256: sha,
+                            blob: put.id,
+                            size: put.size,
+                            sha256: put.sha256,
                         },
                         now,
                     )
@@ -594,7 +594,15 @@ impl ControlPlane {
                         Some(f) => (Outcome::Failed, Some(f)),
                         None => (d.outcome, d.reason.clone()),
                     };
-                    st::finish_in(c, id, outcome, reason.as_deref(), d.summary.as_ref(), now)?;
+                    st::finish_in(
+                        c,
+                        &at_rest,
+                        id,
+                        outcome,
+                        reason.as_deref(),
+                        d.summary.as_ref(),
+                        now,
+                    )?;
                     finished = Some((outcome, reason));
                     Ok(())
                 }
