@@ -327,6 +327,15 @@ impl fmt::Debug for Secrets {
     }
 }
 
+/// Secret values are wiped from memory when the map is dropped (names are not secret).
+impl Drop for Secrets {
+    fn drop(&mut self) {
+        for v in self.0.values_mut() {
+            zeroize::Zeroize::zeroize(v);
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskSpec {
