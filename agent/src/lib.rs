@@ -28,3 +28,5 @@ pub mod metrics;
 pub mod mirror;
 pub mod reload;
 pub mod service;
+pub mod doctor;
+pub mod enroll;

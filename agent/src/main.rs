@@ -1,13 +1,19 @@
 //! `delegate`: the agent binary. Parses arguments, loads the configuration, sets up logging, waits
 //! for signals and maps errors to exit codes; everything else is library code.
 //!
-//! Exit codes: 0 clean stop, 1 a start-up failure of the environment, 2 a configuration error,
-//! 130 a second signal during shutdown.
+//! Signals while running: SIGTERM/SIGINT drains (no new task; running ones get
+//! `agent.drain_timeout`), a second one cancels running tasks at once (cleanly), a third exits at
+//! once; SIGHUP reloads certificates, the log level and the egress policy.
+//!
+//! Exit codes: 0 clean stop (or `doctor` found nothing failing), 1 a start-up failure of the
+//! environment (or a failing `doctor` check, or a refused enrollment), 2 a configuration or usage
+//! error, 130 a third signal during shutdown.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use delegate_agent::config::{self, Config, LogFormat};
 use delegate_agent::daemon::{Agent, SandboxExecutor};
+use delegate_agent::service::{self, Control, Ended, ServiceParts};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +52,40 @@ enum Command {
     },
     /// Print the agent and protocol versions.
     Version,
+    /// Check this host: configuration, permissions, certificate, control plane, Docker, sandbox
+    /// image, disk space, egress. One line per check; exits 1 if any check fails.
+    Doctor {
+        #[arg(long)]
+        config: PathBuf,
+        /// Print the checks as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Seconds to wait for the control plane and for Docker.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+    /// Enroll this host with a one-time token: generate the key here, get a certificate, write
+    /// key, certificate, CA and a ready agent.toml into --out.
+    Enroll {
+        /// The control plane's HTTPS API URL ("url" of `delegate-cp tokens create --json`).
+        #[arg(long)]
+        url: String,
+        /// The bootstrap token (or DELEGATE_ENROLL_TOKEN, which keeps it out of `ps`).
+        #[arg(long, env = "DELEGATE_ENROLL_TOKEN", hide_env_values = true)]
+        token: String,
+        /// SHA-256 (hex) of the control plane's CA certificate ("ca_sha256").
+        #[arg(long)]
+        ca_sha256: String,
+        /// The agent's name (default: the host's short name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Directory for agent.key (0600), agent.pem, ca.pem and agent.toml (created 0700).
+        #[arg(long)]
+        out: PathBuf,
+        /// data_dir written into agent.toml (default: OUT/data).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -89,7 +129,7 @@ fn main() -> ExitCode {
         Command::Sandbox {
             command: SandboxCommand::BuildImage { from_binary, tag },
         } => with_runtime(async move {
-            init_tracing(config::LogLevel::Info, LogFormat::Text);
+            let _ = init_tracing(config::LogLevel::Info, LogFormat::Text);
             delegate_agent::sandbox::build_image_from_binary(&from_binary, &tag, &BTreeMap::new())
                 .await
                 .with_context(|| format!("cannot build sandbox image {tag}"))?;
@@ -97,7 +137,87 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }),
         Command::Run { config } => run(&config),
+        Command::Doctor {
+            config,
+            json,
+            timeout,
+        } => with_runtime(async move {
+            let checks =
+                delegate_agent::doctor::run(&config, Duration::from_secs(timeout.max(1))).await;
+            if json {
+                println!("{}", delegate_agent::doctor::render_json(&checks));
+            } else {
+                print!("{}", delegate_agent::doctor::render_text(&checks));
+            }
+            Ok(if delegate_agent::doctor::any_failed(&checks) {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }),
+        Command::Enroll {
+            url,
+            token,
+            ca_sha256,
+            name,
+            out,
+            data_dir,
+        } => enroll(url, token, ca_sha256, name, out, data_dir),
     }
+}
+
+fn enroll(
+    url: String,
+    token: String,
+    ca_sha256: String,
+    name: Option<String>,
+    out: PathBuf,
+    data_dir: Option<PathBuf>,
+) -> ExitCode {
+    use delegate_agent::enroll::{self, EnrollError, EnrollRequest};
+    let Some(name) = name.or_else(enroll::default_name) else {
+        eprintln!("delegate: the host name is not a usable agent name; pass --name");
+        return ExitCode::from(2);
+    };
+    let req = EnrollRequest {
+        url,
+        token,
+        ca_sha256,
+        name,
+        out,
+        data_dir,
+        timeout: Duration::from_secs(30),
+    };
+    with_runtime(async move {
+        match enroll::enroll(&req).await {
+            Ok(done) => {
+                println!(
+                    "enrolled as {} in pool {} (certificate valid until {})",
+                    done.name,
+                    done.pool,
+                    humantime::format_rfc3339_seconds(done.not_after)
+                );
+                println!("control plane: {}", done.agent_url);
+                println!("configuration: {}", done.config.display());
+                println!(
+                    "next: delegate doctor --config {0} && delegate run --config {0}",
+                    done.config.display()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e @ EnrollError::Usage(_)) => {
+                eprintln!("delegate enroll: {e}");
+                Ok(ExitCode::from(2))
+            }
+            Err(e) => {
+                eprintln!("delegate enroll: {e}");
+                if e.is_retryable() {
+                    eprintln!("(this may be temporary: the same token can be tried again)");
+                }
+                Ok(ExitCode::from(1))
+            }
+        }
+    })
 }
 
 fn config_check(path: &std::path::Path) -> ExitCode {
@@ -160,10 +280,15 @@ async fn run_agent(cfg: Config) -> anyhow::Result<ExitCode> {
     // Signals first, so one that arrives during start-up is not lost.
     let mut term = signal(SignalKind::terminate()).context("cannot install a SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot install a SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot install a SIGHUP handler")?;
 
-    init_tracing(cfg.log.level, cfg.log.format);
+    let log_level = init_tracing(cfg.log.level, cfg.log.format);
     for w in &cfg.warnings {
         warn!("{w}");
+    }
+    let (notifier, notify_error) = delegate_agent::notify::Notifier::from_env();
+    if let Some(e) = notify_error {
+        warn!(error = %e, "not notifying the service manager");
     }
     info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -173,6 +298,7 @@ async fn run_agent(cfg: Config) -> anyhow::Result<ExitCode> {
         control_plane = %cfg.control_plane.endpoint.url,
         "delegate agent starting"
     );
+    let _ = notifier.status("checking Docker and the sandbox image");
     let executor = SandboxExecutor::start(
         cfg.sandbox_settings(),
         cfg.agent.name.clone(),
@@ -180,7 +306,7 @@ async fn run_agent(cfg: Config) -> anyhow::Result<ExitCode> {
         DOCKER_RETRY,
     )
     .await;
-    let agent = match Agent::new(&cfg, executor) {
+    let agent = match Agent::new(&cfg, executor.clone()) {
         Ok(a) => a,
         Err(e) if e.is_config() => {
             eprintln!("delegate: {e}");
@@ -188,40 +314,66 @@ async fn run_agent(cfg: Config) -> anyhow::Result<ExitCode> {
         }
         Err(e) => return Err(e.into()),
     };
+    let mut reloader = delegate_agent::reload::Reloader::new(cfg.clone(), agent.tls());
+    if let Some(hook) = log_level {
+        reloader = reloader.with_log_level_hook(hook);
+    }
+    let parts = ServiceParts {
+        notifier,
+        metrics: delegate_agent::metrics::global().clone(),
+        metrics_listen: cfg.metrics.clone(),
+        reloader: Some(reloader),
+        executor,
+    };
 
-    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+    let (control_tx, control_rx) = tokio::sync::mpsc::channel::<Control>(8);
     tokio::spawn(async move {
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
-        info!(signal = name, "stopping (a second signal exits at once)");
-        let _ = first_tx.send(());
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
-        warn!(signal = name, "second signal: exiting now");
-        std::process::exit(130);
+        loop {
+            let (request, name) = tokio::select! {
+                _ = term.recv() => (Control::Stop, "SIGTERM"),
+                _ = int.recv() => (Control::Stop, "SIGINT"),
+                _ = hup.recv() => (Control::Reload, "SIGHUP"),
+            };
+            info!(signal = name, "signal received");
+            if control_tx.send(request).await.is_err() {
+                return;
+            }
+        }
     });
-    agent
-        .run(async {
-            let _ = first_rx.await;
-        })
-        .await;
-    info!("delegate agent stopped");
-    Ok(ExitCode::SUCCESS)
+    match service::run(agent, parts, control_rx).await {
+        Ended::Clean => {
+            info!("delegate agent stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ended::Forced => {
+            warn!("third stop signal: exiting now");
+            Ok(ExitCode::from(130))
+        }
+    }
 }
 
-fn init_tracing(level: config::LogLevel, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::new(level.as_str());
+/// Set up the agent's own log; returns the hook that changes its level (SIGHUP).
+fn init_tracing(
+    level: config::LogLevel,
+    format: LogFormat,
+) -> Option<delegate_agent::reload::LogLevelHook> {
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, handle) =
+        tracing_subscriber::reload::Layer::new(tracing_subscriber::EnvFilter::new(level.as_str()));
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let registry = tracing_subscriber::registry().with(filter);
+    let installed = match format {
+        LogFormat::Text => registry.with(fmt).try_init(),
+        LogFormat::Json => registry.with(fmt.json()).try_init(),
     };
+    installed.ok()?;
+    Some(std::sync::Arc::new(move |level: config::LogLevel| {
+        handle
+            .modify(|f| *f = tracing_subscriber::EnvFilter::new(level.as_str()))
+            .map_err(|e| e.to_string())
+    }))
 }
