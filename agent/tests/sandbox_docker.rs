@@ -498,7 +498,10 @@ async fn plan_apply_drift_destroy_with_the_default_backend() {
         text.contains("Apply complete! Resources: 2 added"),
         "{text}"
     );
-    assert!(text.contains("***"), "the echoed secret is masked: {text}");
+    assert!(
+        text.contains("[REDACTED]"),
+        "the echoed secret is masked: {text}"
+    );
     assert!(!text.contains(secret), "secret leaked into logs: {text}");
     assert!(c.artifacts.is_empty(), "apply uploads no artifacts");
     let state = fake

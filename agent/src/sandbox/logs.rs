@@ -1,90 +1,80 @@
-//! Turning a step's raw output bytes into log chunks: secret values masked (also when a value is
+//! Turning a step's raw output bytes into log chunks: secrets redacted by
+//! [`crate::redact::StreamRedactor`] (raw, JSON-escaped, URL-encoded and base64 forms, also when
 //! split across reads), then cut into whole lines, with a partial line released after a short
 //! quiet period or once it grows large, so a prompt or progress output without a newline is never
 //! held back forever.
 //!
 //! Owns: the per-stream byte pipeline between the Docker attach stream and `TaskOutput::Log`.
 //! Pure state machines, no clock: the caller decides when a partial line is due
-//! ([`PARTIAL_FLUSH_AFTER`]). Must never emit a byte of a secret value: bytes that could be the
-//! start of a secret are held until they are known not to be one (held back even past the
-//! partial-line flush, released only by more output or the end of the stream).
+//! ([`PARTIAL_FLUSH_AFTER`]). Must never emit a byte of a secret: bytes that could be the start
+//! of a secret form are held until they are known not to be one (held back even past the
+//! partial-line flush, released only by more output or the end of the stream). If the secrets
+//! cannot be compiled into a redactor, the output is withheld rather than shown unredacted.
 
+use crate::redact::{self, StreamRedactor};
 use bytes::Bytes;
 
 /// How long a partial line may wait for its newline before it is sent as it is.
 pub const PARTIAL_FLUSH_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
 /// Longest chunk sent without a newline.
 pub const MAX_CHUNK: usize = 64 * 1024;
-/// What replaces a secret value.
-pub const MASK: &[u8] = b"***";
+/// What replaces a secret.
+pub const MASK: &[u8] = redact::REPLACEMENT;
+/// What replaces all output when the redactor cannot be built (fail closed).
+pub const WITHHELD: &[u8] =
+    b"[output withheld: the agent could not build the secret redactor for this task]\n";
 
-/// Streaming secret masker.
+/// Streaming secret redaction of one output stream.
 #[derive(Debug)]
 pub struct Redactor {
-    /// Longest first, so the longest secret wins at a position.
-    secrets: Vec<Vec<u8>>,
-    pending: Vec<u8>,
+    /// `None`: building the redactor failed; everything is withheld.
+    inner: Option<StreamRedactor>,
+    withheld: bool,
 }
 
 impl Redactor {
+    /// A redactor for these secrets (bytes that are not UTF-8 are matched as their lossy text).
+    /// Secrets are expected to be valid ([`redact::validate_secret`]; the task side refuses
+    /// tasks whose secrets are not); an empty secret is ignored.
     pub fn new<I, S>(secrets: I) -> Redactor
     where
         I: IntoIterator<Item = S>,
         S: AsRef<[u8]>,
     {
-        let mut secrets: Vec<Vec<u8>> = secrets
+        let texts: Vec<zeroize::Zeroizing<String>> = secrets
             .into_iter()
-            .map(|s| s.as_ref().to_vec())
-            .filter(|s| !s.is_empty())
+            .filter(|s| !s.as_ref().is_empty())
+            .map(|s| zeroize::Zeroizing::new(String::from_utf8_lossy(s.as_ref()).into_owned()))
             .collect();
-        secrets.sort_by(|a, b| b.len().cmp(&a.len()).then(a.cmp(b)));
-        secrets.dedup();
+        let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
         Redactor {
-            secrets,
-            pending: Vec::new(),
+            inner: redact::Redactor::new(&refs).ok().map(|r| r.stream()),
+            withheld: false,
         }
     }
 
     /// Feed bytes; returns what is safe to emit now.
     pub fn push(&mut self, data: &[u8]) -> Vec<u8> {
-        if self.secrets.is_empty() {
-            return data.to_vec();
+        match &mut self.inner {
+            Some(r) => r.push(data),
+            None => self.withhold(),
         }
-        self.pending.extend_from_slice(data);
-        self.scan(false)
     }
 
-    /// The stream ended: everything left, masked.
+    /// The stream ended: everything left, redacted.
     pub fn finish(&mut self) -> Vec<u8> {
-        self.scan(true)
+        match &mut self.inner {
+            Some(r) => r.finish(),
+            None => self.withhold(),
+        }
     }
 
-    fn scan(&mut self, last: bool) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.pending.len());
-        let mut i = 0;
-        'outer: while i < self.pending.len() {
-            let rest = &self.pending[i..];
-            // A longer secret might still complete here: wait for more bytes.
-            if !last
-                && self
-                    .secrets
-                    .iter()
-                    .any(|s| s.len() > rest.len() && s.starts_with(rest))
-            {
-                break;
-            }
-            for s in &self.secrets {
-                if rest.starts_with(s) {
-                    out.extend_from_slice(MASK);
-                    i += s.len();
-                    continue 'outer;
-                }
-            }
-            out.push(rest[0]);
-            i += 1;
+    fn withhold(&mut self) -> Vec<u8> {
+        if std::mem::replace(&mut self.withheld, true) {
+            Vec::new()
+        } else {
+            WITHHELD.to_vec()
         }
-        self.pending.drain(..i);
-        out
     }
 }
 
@@ -180,7 +170,7 @@ mod tests {
         let mut r = Redactor::new(["hunter22"]);
         let mut out = r.push(b"password is hunter22, again hunter22\n");
         out.extend(r.finish());
-        assert_eq!(out, b"password is ***, again ***\n");
+        assert_eq!(out, b"password is [REDACTED], again [REDACTED]\n");
     }
 
     #[test]
@@ -193,7 +183,7 @@ mod tests {
             out.extend(got);
         }
         out.extend(r.finish());
-        assert_eq!(out, b"token=*** done\n");
+        assert_eq!(out, b"token=[REDACTED] done\n");
     }
 
     #[test]
@@ -207,11 +197,42 @@ mod tests {
 
     #[test]
     fn longer_secret_wins_over_its_prefix() {
-        let mut r = Redactor::new(["abc", "abcdef"]);
-        let mut out = r.push(b"x abc");
-        out.extend(r.push(b"def y abc z"));
+        let mut r = Redactor::new(["abcd", "abcdefgh"]);
+        let mut out = r.push(b"x abcd");
+        out.extend(r.push(b"efgh y abcd z"));
         out.extend(r.finish());
-        assert_eq!(out, b"x *** y *** z");
+        assert_eq!(out, b"x [REDACTED] y [REDACTED] z");
+    }
+
+    #[test]
+    fn encoded_forms_split_across_reads_are_redacted() {
+        use base64::Engine;
+        let secret = "p@ss word/\"x\"";
+        let json = serde_json::to_string(secret).unwrap();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(secret);
+        let url = "p%40ss%20word%2F%22x%22";
+        let text = format!("json={json} b64={b64} url={url}\n");
+        let mut log = StreamLog::new(Redactor::new([secret]));
+        let mut chunks = Vec::new();
+        for piece in text.as_bytes().chunks(3) {
+            chunks.extend(log.push(piece));
+            chunks.extend(log.flush_partial());
+        }
+        chunks.extend(log.finish());
+        let out = String::from_utf8(joined(&chunks)).unwrap();
+        assert_eq!(out, "json=\"[REDACTED]\" b64=[REDACTED] url=[REDACTED]\n");
+    }
+
+    #[test]
+    fn an_unusable_secret_withholds_the_output_instead_of_leaking_it() {
+        // Shorter than the redactor's minimum: the task side refuses such tasks; should one get
+        // here anyway, nothing of the output is shown.
+        let mut log = StreamLog::new(Redactor::new(["abc"]));
+        let mut chunks = log.push(b"the secret is abc\n");
+        chunks.extend(log.push(b"and again abc\n"));
+        chunks.extend(log.finish());
+        let out = joined(&chunks);
+        assert_eq!(out, WITHHELD);
     }
 
     #[test]
@@ -221,7 +242,7 @@ mod tests {
         let mut chunks = log.push(b"key:\n-----BEGIN KEY-----\nAA");
         chunks.extend(log.push(b"AA\n-----END KEY-----\nok\n"));
         chunks.extend(log.finish());
-        assert_eq!(joined(&chunks), b"key:\n***\nok\n");
+        assert_eq!(joined(&chunks), b"key:\n[REDACTED]\nok\n");
     }
 
     #[test]
@@ -264,7 +285,7 @@ mod tests {
         assert_eq!(log.flush_partial(), Some(Bytes::from_static(b"value: ")));
         let mut rest = log.push(b"cr3t\n");
         rest.extend(log.finish());
-        assert_eq!(joined(&rest), b"***\n");
+        assert_eq!(joined(&rest), b"[REDACTED]\n");
     }
 
     proptest! {
@@ -292,7 +313,10 @@ mod tests {
             for c in &chunks {
                 prop_assert!(!String::from_utf8_lossy(c).contains("Zq9"));
             }
-            let expected = format!("{before}***{after}***");
+            // Adjacent occurrences merge into one replacement: what the whole-buffer redaction gives.
+            let whole = redact::Redactor::new(&[secret]).unwrap().redact(bytes);
+            let expected = String::from_utf8_lossy(&whole).into_owned();
+            prop_assert!(expected.contains("[REDACTED]"));
             prop_assert_eq!(String::from_utf8_lossy(&joined(&chunks)).into_owned(), expected);
         }
     }

@@ -562,6 +562,16 @@ impl State {
     }
 }
 
+/// Why the task's secrets cannot be used: one the log redactor cannot match safely (too short
+/// or too long). Names the secret, never its value.
+fn secret_problem(spec: &TaskSpec) -> Option<String> {
+    spec.secrets.0.iter().find_map(|(name, value)| {
+        crate::redact::validate_secret(value)
+            .err()
+            .map(|p| format!("secret {name} refused: {p}"))
+    })
+}
+
 /// Delete a finished task's spool files.
 fn remove_spool(id: Uuid, spool: Option<TaskSpool>) {
     if let Some(sp) = spool {
@@ -819,6 +829,13 @@ impl Inner {
                 let Some(spec) = e.spec.take() else {
                     return;
                 };
+                if let Some(problem) = secret_problem(&spec) {
+                    st.finish(id, Outcome::Failed, Some(problem), Summary::default());
+                    drop(st);
+                    self.outgoing.notify_one();
+                    self.changed.notify_waiters();
+                    return;
+                }
                 if let Err(err) = e.phase.advance(Phase::Running) {
                     warn!(task_id = %id, error = %err, "cannot start task");
                     return;

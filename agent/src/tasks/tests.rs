@@ -1214,3 +1214,23 @@ async fn without_a_spool_journal_updates_are_acknowledged() {
         .unwrap();
     assert_eq!(ok.await.unwrap(), Ok(()));
 }
+
+#[tokio::test]
+async fn a_secret_too_short_to_redact_fails_the_task_before_it_runs() {
+    let mut h = harness(TaskSettings::new(1));
+    let mut task = spec(95, b"ws", None);
+    task.secrets.0.insert("PIN".into(), "123".into());
+    h.m.handle_message(Message::Assign(Assign { task }));
+    sent(&h.m);
+    h.m.handle_binary(chunk(95, ChunkKind::Workspace, 0, true, b"ws"));
+    match &sent(&h.m)[..] {
+        [Frame::Control(Message::Done(d))] => {
+            assert_eq!(d.outcome, Outcome::Failed);
+            let reason = d.reason.as_deref().unwrap();
+            assert!(reason.contains("secret PIN refused"), "{reason}");
+            assert!(!reason.contains("123"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(h.runs.try_recv().is_err(), "never ran");
+}
