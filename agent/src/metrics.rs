@@ -480,26 +480,57 @@ impl Executor for MeteredExecutor {
         cancel: tokio_util::sync::CancellationToken,
     ) -> BoxFuture<'static, TaskResult> {
         let op = inputs.spec.op.to_string();
-        let (tx, mut rx) = mpsc::channel::<TaskOutput>(1);
+        let (tx, rx) = mpsc::channel::<TaskOutput>(1);
         let run = self.inner.run(inputs, tx, cancel);
-        let metrics = self.metrics.clone();
-        Box::pin(async move {
-            let forward = {
-                let metrics = metrics.clone();
-                async move {
-                    while let Some(item) = rx.recv().await {
-                        observe_output(&metrics, &item);
-                        if out.send(item).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            };
-            let (result, ()) = tokio::join!(run, forward);
-            metrics.task_finished(&op, result.outcome.as_str());
-            result
-        })
+        metered(run, rx, out, op, self.metrics.clone())
     }
+
+    fn resume(
+        &self,
+        journal: crate::spool::journal::TaskJournal,
+        out: TaskOutputTx,
+        cancel: tokio_util::sync::CancellationToken,
+    ) -> BoxFuture<'static, TaskResult> {
+        let op = journal.spec.op.to_string();
+        let (tx, rx) = mpsc::channel::<TaskOutput>(1);
+        let run = self.inner.resume(journal, tx, cancel);
+        metered(run, rx, out, op, self.metrics.clone())
+    }
+}
+
+/// Forward `rx` to `out`, counting, while `run` runs; count the outcome. Returns when `run`
+/// does (after passing on what it had already sent), even if a sender clone outlives it.
+fn metered(
+    run: BoxFuture<'static, TaskResult>,
+    mut rx: mpsc::Receiver<TaskOutput>,
+    out: TaskOutputTx,
+    op: String,
+    metrics: Metrics,
+) -> BoxFuture<'static, TaskResult> {
+    Box::pin(async move {
+        let mut run = run;
+        let mut open = true;
+        let result = loop {
+            tokio::select! {
+                biased;
+                item = rx.recv(), if open => match item {
+                    Some(item) => {
+                        observe_output(&metrics, &item);
+                        // A gone receiver: keep draining so the task is not blocked.
+                        let _ = out.send(item).await;
+                    }
+                    None => open = false,
+                },
+                r = &mut run => break r,
+            }
+        };
+        while let Ok(item) = rx.try_recv() {
+            observe_output(&metrics, &item);
+            let _ = out.send(item).await;
+        }
+        metrics.task_finished(&op, result.outcome.as_str());
+        result
+    })
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -810,5 +841,99 @@ mod tests {
         assert_eq!(s, StatusCode::NOT_FOUND);
         let (s, _, _) = respond(&Method::POST, "/metrics", &m, &FixedProbe(Ok(())));
         assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    }
+    struct Scripted;
+    impl Executor for Scripted {
+        fn availability(&self) -> Result<(), String> {
+            Ok(())
+        }
+        fn run(
+            &self,
+            _inputs: TaskInputs,
+            out: TaskOutputTx,
+            _cancel: tokio_util::sync::CancellationToken,
+        ) -> BoxFuture<'static, TaskResult> {
+            Box::pin(async move {
+                let items = vec![
+                    TaskOutput::Event(EventKind::StepStarted {
+                        step: "plan".into(),
+                    }),
+                    TaskOutput::Log {
+                        stream: delegate_protocol::LogStream::Stdout,
+                        data: Bytes::from_static(b"hello\n"),
+                    },
+                    TaskOutput::Event(EventKind::Egress {
+                        destination: "x:443".into(),
+                        address: None,
+                        allowed: false,
+                        detail: "not allowed".into(),
+                        bytes_up: 0,
+                        bytes_down: 0,
+                        duration_ms: 0,
+                    }),
+                    TaskOutput::Event(EventKind::StepFinished {
+                        step: "plan".into(),
+                        exit_code: 0,
+                        duration_ms: 2500,
+                    }),
+                ];
+                for i in items {
+                    out.send(i).await.unwrap();
+                }
+                // A sender clone that outlives the run must not hold the task up.
+                std::mem::forget(out.clone());
+                TaskResult {
+                    outcome: delegate_protocol::Outcome::Succeeded,
+                    reason: None,
+                    summary: delegate_protocol::Summary::default(),
+                }
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn metered_executor_passes_everything_on_in_order_and_counts() {
+        let m = Metrics::new();
+        let exec = MeteredExecutor::new(Arc::new(Scripted), m.clone());
+        let spec: delegate_protocol::TaskSpec = serde_json::from_value(serde_json::json!({
+            "task_id": uuid::Uuid::new_v4(),
+            "op": "plan",
+            "workspace": "w",
+            "archive": {"size": 0, "sha256": "00"},
+        }))
+        .unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        let result = exec
+            .run(
+                TaskInputs {
+                    spec,
+                    archive: vec![],
+                    plan: None,
+                },
+                tx,
+                tokio_util::sync::CancellationToken::new(),
+            )
+            .await;
+        assert_eq!(result.outcome, delegate_protocol::Outcome::Succeeded);
+        let mut kinds = Vec::new();
+        while let Ok(i) = rx.try_recv() {
+            kinds.push(match i {
+                TaskOutput::Log { .. } => "log",
+                TaskOutput::Event(EventKind::StepStarted { .. }) => "started",
+                TaskOutput::Event(EventKind::StepFinished { .. }) => "finished",
+                TaskOutput::Event(EventKind::Egress { .. }) => "egress",
+                _ => "other",
+            });
+        }
+        assert_eq!(kinds, vec!["started", "log", "egress", "finished"]);
+        let text = m.encode();
+        for line in [
+            "delegate_tasks_finished_total{op=\"plan\",outcome=\"succeeded\"} 1",
+            "delegate_task_log_bytes_total{stream=\"stdout\"} 6",
+            "delegate_egress_requests_total{decision=\"denied\"} 1",
+            "delegate_step_duration_seconds_sum{step=\"plan\"} 2.5",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
     }
 }
