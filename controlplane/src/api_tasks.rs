@@ -409,8 +409,15 @@ async fn next_logs(mut s: LogStream) -> Option<(Result<Bytes, std::io::Error>, L
         let rows = match s.cp.store.logs(s.id, s.after, 512) {
             Ok(r) => r,
             Err(e) => {
+                // Never a silently short log: the client sees the stream fail (SSE: an `error`
+                // event naming what could not be read).
                 tracing::error!(task = %s.id, error = %e, "cannot read logs");
-                return None;
+                s.ended = true;
+                if s.format == LogFormat::Sse {
+                    let err = serde_json::json!({ "error": e.to_string() });
+                    return Some((Ok(Bytes::from(format!("event: error\ndata: {err}\n\n"))), s));
+                }
+                return Some((Err(std::io::Error::other(e.to_string())), s));
             }
         };
         if let Some(last) = rows.last() {
@@ -457,6 +464,8 @@ async fn task_logs(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or(q.after_seq);
+    // A damaged first batch is a 500 naming it, before any byte is sent.
+    cp.store.logs(t.id, after, 512)?;
     let state = LogStream {
         changes: cp.subscribe_changes(),
         cp: cp.clone(),

@@ -46,6 +46,13 @@ pub struct CpConfig {
     /// Life of the client certificates issued at enrollment and renewal (humantime, e.g. "24h").
     #[serde(default = "default_agent_cert_ttl")]
     pub agent_cert_ttl: String,
+    /// How long a disconnected agent keeps its tasks (default: three heartbeat intervals); past
+    /// it, assigned tasks are requeued and running ones marked (see `lease`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
+    /// How long a disconnected agent may stay silent before its running tasks end `lost`.
+    #[serde(default = "default_lost_after")]
+    pub lost_after_ms: u64,
 }
 
 fn default_heartbeat() -> u64 {
@@ -59,6 +66,9 @@ fn default_pool() -> String {
 }
 fn default_agent_cert_ttl() -> String {
     "24h".into()
+}
+fn default_lost_after() -> u64 {
+    10 * 60 * 1000
 }
 
 /// Bounds of `agent_cert_ttl`: long enough to renew at two thirds of it, short enough to matter.
@@ -74,6 +84,8 @@ impl Default for CpConfig {
             max_archive_bytes: default_max_archive(),
             default_pool: default_pool(),
             agent_cert_ttl: default_agent_cert_ttl(),
+            lease_ms: None,
+            lost_after_ms: default_lost_after(),
         }
     }
 }
@@ -142,6 +154,21 @@ impl CpConfig {
         if let Err(e) = parse_agent_cert_ttl(&self.agent_cert_ttl) {
             errors.push(format!("agent_cert_ttl: {e}"));
         }
+        let lease = self.lease_policy();
+        if let Some(l) = self.lease_ms {
+            if l <= self.heartbeat_interval_ms || l > 24 * 3_600_000 {
+                errors.push(format!(
+                    "lease_ms: must be more than heartbeat_interval_ms ({}) and at most 86400000, got {l}",
+                    self.heartbeat_interval_ms
+                ));
+            }
+        }
+        if self.lost_after_ms < lease.lease_ms as u64 || self.lost_after_ms > 7 * 24 * 3_600_000 {
+            errors.push(format!(
+                "lost_after_ms: must be at least the lease ({} ms) and at most 604800000, got {}",
+                lease.lease_ms, self.lost_after_ms
+            ));
+        }
         errors
     }
 
@@ -155,6 +182,17 @@ impl CpConfig {
         self.api_listen
             .parse()
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8444)))
+    }
+
+    /// The lease rules (`lease_ms` defaults to three heartbeat intervals).
+    pub fn lease_policy(&self) -> crate::lease::LeasePolicy {
+        let lease = self
+            .lease_ms
+            .unwrap_or(self.heartbeat_interval_ms.saturating_mul(3));
+        crate::lease::LeasePolicy {
+            lease_ms: lease.min(i64::MAX as u64) as i64,
+            lost_after_ms: self.lost_after_ms.min(i64::MAX as u64) as i64,
+        }
     }
 
     /// `agent_cert_ttl` as a duration (validated at load; the default if it somehow is not).
@@ -270,6 +308,36 @@ mod tests {
         assert!(err.contains("agent_listen"), "{err}");
         assert!(err.contains("api_listen"), "{err}");
         assert!(err.contains("heartbeat_interval_ms"), "{err}");
+    }
+
+    #[test]
+    fn lease_defaults_and_bounds() {
+        let base = "agent_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\"\n";
+        let cfg = CpConfig::parse(Path::new("x"), base).unwrap();
+        let p = cfg.lease_policy();
+        assert_eq!(p.lease_ms, 15_000, "three heartbeat intervals");
+        assert_eq!(p.lost_after_ms, 600_000);
+        let cfg = CpConfig::parse(
+            Path::new("x"),
+            &format!("{base}lease_ms = 20000\nlost_after_ms = 60000\n"),
+        )
+        .unwrap();
+        assert_eq!(cfg.lease_policy().lease_ms, 20_000);
+        assert_eq!(cfg.lease_policy().lost_after_ms, 60_000);
+        assert_eq!(
+            CpConfig::parse(Path::new("x"), &cfg.to_toml()).unwrap(),
+            cfg
+        );
+        let err = CpConfig::parse(
+            Path::new("x"),
+            &format!("{base}lease_ms = 1000\nlost_after_ms = 10\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("lease_ms") && err.contains("lost_after_ms"),
+            "{err}"
+        );
     }
 
     #[test]

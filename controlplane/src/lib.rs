@@ -5,11 +5,13 @@
 //! - `config`: `DIR/controlplane.toml` and the data directory layout.
 //! - `init`: creating a data directory (CA, certificates, token, agent bundles).
 //! - `pki`, `tls`: certificates and rustls configurations (TLS 1.3 only everywhere).
-//! - `store` (+ `store_tasks`, `store_state`), `at_rest`, `audit`: SQLite database with versioned
-//!   migrations, blobs on disk (the one place sealing goes), the hash-chained audit trail.
+//! - `store` (+ `store_tasks`, `store_state`, `store_secrets`), `at_rest`, `audit`: SQLite database
+//!   with versioned migrations, sealed blobs and values (AES-256-GCM; `at_rest` is the one place
+//!   sealing goes), workspace secrets, the hash-chained audit trail.
 //! - `hub`: in-memory view of connected agents, task secrets and recent rejections.
-//! - `dispatch`, `seq`, `lock`: decisions as pure functions (which agent gets a task, what to do
-//!   with a sequenced message, who holds a workspace lock).
+//! - `dispatch`, `seq`, `lock`, `lease`: decisions as pure functions (which agent gets a task,
+//!   what to do with a sequenced message, who holds a workspace lock, what happens to a silent
+//!   agent's tasks).
 //! - `cp`: the control plane's shared state and the dispatcher loop.
 //! - `agent_link`: the agent endpoint (mTLS, WebSocket, Hello/Welcome, heartbeats, frames).
 //! - `tasks`, `state`: what agents' task messages and state requests do.
@@ -31,6 +33,7 @@ pub mod demo;
 pub mod dispatch;
 pub mod hub;
 pub mod init;
+pub mod lease;
 pub mod lock;
 pub mod pack;
 pub mod pki;
@@ -38,6 +41,7 @@ pub mod seq;
 pub mod serve;
 pub mod state;
 pub mod store;
+pub mod store_secrets;
 pub mod store_state;
 pub mod store_tasks;
 pub mod task_ops;

@@ -121,6 +121,7 @@ pub async fn start_with_key(dd: &DataDir, env_key: Option<&str>) -> Result<Runni
             app,
         )),
         tokio::spawn(crate::cp::run_dispatcher(cp.clone())),
+        tokio::spawn(crate::lease::run_leases(cp.clone())),
     ];
     tracing::info!(agent = %agent_addr, api = %api_addr, data_dir = %dd.root.display(), "control plane serving");
     Ok(Running {

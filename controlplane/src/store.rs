@@ -3,8 +3,8 @@
 //!
 //! Owns: the schema and every query. Callers get plain row structs. Bytes that describe a task's
 //! content (log data) pass through [`AtRest`] here; large blobs live in the `BlobStore`.
-//! Never holds secrets: task secrets stay in the control plane's memory (`hub`), only their names
-//! are stored.
+//! Never holds a secret in the clear: task secrets stay in the control plane's memory (`hub`),
+//! only their names are stored; workspace secrets are sealed (`store_secrets`).
 
 use crate::at_rest::{AtRest, AtRestError};
 use crate::audit::{chain_hash, AuditEntry, AuditRecord, GENESIS};
@@ -149,6 +149,17 @@ const MIGRATIONS: &[&str] = &[
         task_id TEXT,
         locked_at_ms INTEGER NOT NULL
     );
+    "#,
+    // 4: workspace secrets (values sealed, see `store_secrets`); lease mark of running tasks.
+    r#"
+    CREATE TABLE workspace_secrets (
+        workspace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        value BLOB NOT NULL,
+        updated_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (workspace, name)
+    );
+    ALTER TABLE tasks ADD COLUMN lease_expired_at_ms INTEGER;
     "#,
 ];
 
@@ -368,43 +379,9 @@ impl Store {
     pub fn audit(&self, entry: &AuditEntry, now_ms: i64) -> Result<AuditRecord, StoreError> {
         let mut db = self.db();
         let tx = db.transaction()?;
-        let last: Option<(i64, String)> = tx
-            .query_row(
-                "SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let (id, prev) = match last {
-            Some((id, hash)) => (id + 1, hash),
-            None => (1, GENESIS.to_string()),
-        };
-        let hash = chain_hash(&prev, id, now_ms, entry);
-        tx.execute(
-            "INSERT INTO audit (id, at_ms, who, action, target, detail, prev_hash, hash)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![
-                id,
-                now_ms,
-                entry.who,
-                entry.action,
-                entry.target,
-                entry.detail,
-                prev,
-                hash
-            ],
-        )?;
+        let record = audit_in(&tx, entry, now_ms)?;
         tx.commit()?;
-        Ok(AuditRecord {
-            id,
-            at_ms: now_ms,
-            who: entry.who.clone(),
-            action: entry.action.clone(),
-            target: entry.target.clone(),
-            detail: entry.detail.clone(),
-            prev_hash: prev,
-            hash,
-        })
+        Ok(record)
     }
 
     /// Audit records in order; with `target`, only those about it.
@@ -435,6 +412,51 @@ impl Store {
         };
         Ok(out)
     }
+}
+
+/// Append an audit record inside the caller's transaction (so a record and the change it
+/// describes are stored together).
+pub(crate) fn audit_in(
+    tx: &Connection,
+    entry: &AuditEntry,
+    now_ms: i64,
+) -> Result<AuditRecord, StoreError> {
+    let last: Option<(i64, String)> = tx
+        .query_row(
+            "SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let (id, prev) = match last {
+        Some((id, hash)) => (id + 1, hash),
+        None => (1, GENESIS.to_string()),
+    };
+    let hash = chain_hash(&prev, id, now_ms, entry);
+    tx.execute(
+        "INSERT INTO audit (id, at_ms, who, action, target, detail, prev_hash, hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            id,
+            now_ms,
+            entry.who,
+            entry.action,
+            entry.target,
+            entry.detail,
+            prev,
+            hash
+        ],
+    )?;
+    Ok(AuditRecord {
+        id,
+        at_ms: now_ms,
+        who: entry.who.clone(),
+        action: entry.action.clone(),
+        target: entry.target.clone(),
+        detail: entry.detail.clone(),
+        prev_hash: prev,
+        hash,
+    })
 }
 
 fn current_version(conn: &Connection) -> rusqlite::Result<i64> {

@@ -109,6 +109,8 @@ pub struct TaskRow {
     pub assigned_at_ms: Option<i64>,
     pub started_at_ms: Option<i64>,
     pub finished_at_ms: Option<i64>,
+    /// Set while the task's agent is silent past its lease (see `lease`).
+    pub lease_expired_at_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,7 +141,7 @@ pub struct ArtifactRow {
 const TASK_COLS: &str = "id, op, workspace, pool, state, outcome, reason, summary, agent, inputs,
     archive_blob, archive_size, archive_sha256, plan_blob, plan_size, plan_sha256, parent_task,
     approved_as, acked_seq, cancel_requested, fail_reason, last_reject, created_at_ms,
-    assigned_at_ms, started_at_ms, finished_at_ms";
+    assigned_at_ms, started_at_ms, finished_at_ms, lease_expired_at_ms";
 
 fn corrupt(what: &str, id: &str) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -208,6 +210,7 @@ fn task_from_row(r: &Row<'_>) -> rusqlite::Result<RawTask> {
         assigned_at_ms: r.get(23)?,
         started_at_ms: r.get(24)?,
         finished_at_ms: r.get(25)?,
+        lease_expired_at_ms: r.get(26)?,
     };
     Ok(RawTask {
         row,
@@ -422,6 +425,29 @@ impl Store {
     /// Tasks assigned to or running on `agent`.
     pub fn held_by(&self, agent: &str) -> Result<Vec<TaskRow>, StoreError> {
         self.tasks_where("agent = ?1 AND state IN ('assigned', 'running')", [agent])
+    }
+
+    /// Tasks assigned to or running on any agent (for the lease check).
+    pub fn held_tasks(&self) -> Result<Vec<TaskRow>, StoreError> {
+        self.tasks_where("agent IS NOT NULL AND state IN ('assigned', 'running')", [])
+    }
+
+    /// Mark a running task as past its agent's lease (`Some(now)`, only if not marked yet) or
+    /// clear the mark (`None`). Returns whether it changed.
+    pub fn set_lease_expired(&self, id: Uuid, at_ms: Option<i64>) -> Result<bool, StoreError> {
+        let n = match at_ms {
+            Some(at) => self.db().execute(
+                "UPDATE tasks SET lease_expired_at_ms = ?2
+                 WHERE id = ?1 AND state = 'running' AND lease_expired_at_ms IS NULL",
+                params![id.to_string(), at],
+            )?,
+            None => self.db().execute(
+                "UPDATE tasks SET lease_expired_at_ms = NULL
+                 WHERE id = ?1 AND lease_expired_at_ms IS NOT NULL",
+                [id.to_string()],
+            )?,
+        };
+        Ok(n == 1)
     }
 
     /// Tasks not finished, oldest first.

@@ -488,6 +488,7 @@ fn preview_row(n: &NewTask) -> TaskRow {
         assigned_at_ms: None,
         started_at_ms: None,
         finished_at_ms: None,
+        lease_expired_at_ms: None,
     }
 }
 

@@ -176,6 +176,16 @@ impl ControlPlane {
                         // Its accept was lost with the old connection; it holds the task.
                         let _ = self.store.mark_running(t.id, agent, now);
                     }
+                    if t.lease_expired_at_ms.is_some()
+                        && matches!(self.store.set_lease_expired(t.id, None), Ok(true))
+                    {
+                        self.audit(
+                            agent,
+                            "task.lease_renewed",
+                            &t.id.to_string(),
+                            "agent reconnected",
+                        );
+                    }
                     holding.insert(t.id);
                     points.push(ResumePoint {
                         task_id: t.id,
@@ -706,6 +716,7 @@ mod tests {
             assigned_at_ms: None,
             started_at_ms: None,
             finished_at_ms: None,
+            lease_expired_at_ms: None,
         };
         let spec = spec_for(&t, Secrets::default());
         assert_eq!(spec.op, Op::Plan);
