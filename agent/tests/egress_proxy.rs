@@ -810,6 +810,13 @@ mod firewall_lab {
                     "{backend:?}: the proxy port only on the gateway IP"
                 );
             }
+            // Beyond the host (routed by the lab's default route): rejected on the forward path,
+            // so nothing leaves. Only ever tried with the rules in place.
+            let beyond = IpAddr::V4(Ipv4Addr::new(198, 18, 255, 254));
+            assert!(
+                !lab.reaches(beyond, 9).await,
+                "{backend:?}: forwarding out of the bridge is refused"
+            );
             // nft remembers what was refused, for the audit trail; iptables does not.
             let rejected = firewall::rejected(backend, &iso).await.unwrap();
             if backend == Backend::Nft {
@@ -819,6 +826,12 @@ mod firewall_lab {
                     port: service,
                 };
                 assert!(rejected.contains(&want), "{rejected:?}");
+                let forwarded = firewall::Rejected {
+                    addr: beyond,
+                    protocol: "tcp".into(),
+                    port: 9,
+                };
+                assert!(rejected.contains(&forwarded), "{rejected:?}");
                 assert!(
                     !rejected.iter().any(|r| r.addr == gw && r.port == proxy),
                     "the allowed port is not a rejection: {rejected:?}"

@@ -16,8 +16,8 @@
 //! Traffic refused is *rejected* (TCP reset, ICMP administratively prohibited), so a sandbox fails
 //! fast with a clear error instead of hanging.
 //!
-//! With nftables, each distinct TCP/UDP destination (address, protocol, port) a sandbox tried on
-//! the host before being rejected is also remembered in the table's sets `rejected4`/`rejected6`
+//! With nftables, each distinct TCP/UDP destination (address, protocol, port) a sandbox tried,
+//! on the host or beyond it, and was rejected for is also remembered in the sets `rejected4`/`rejected6`
 //! (at most [`MAX_REJECTED`] each; past that, packets are still rejected, only not remembered), so
 //! the agent can audit those attempts ([`rejected`]). The iptables rendering keeps no such record.
 //!
@@ -48,7 +48,8 @@ pub struct Isolation {
 /// Most distinct rejected destinations remembered per bridge and address family.
 pub const MAX_REJECTED: usize = 256;
 
-/// A destination on the host that a sandbox tried to reach directly and was refused.
+/// A destination (on the host or beyond it) that a sandbox tried to reach directly and was
+/// refused.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Rejected {
     pub addr: IpAddr,
@@ -149,6 +150,8 @@ pub fn render_nft(iso: &Isolation) -> String {
          \t}}\n\
          \tchain forward {{\n\
          \t\ttype filter hook forward priority -10; policy accept;\n\
+         \t\tiifname \"{br}\" oifname != \"{br}\" meta l4proto {{ tcp, udp }} add @rejected4 {{ ip daddr . meta l4proto . th dport }}\n\
+         \t\tiifname \"{br}\" oifname != \"{br}\" meta l4proto {{ tcp, udp }} add @rejected6 {{ ip6 daddr . meta l4proto . th dport }}\n\
          \t\tiifname \"{br}\" oifname != \"{br}\" reject with icmpx type admin-prohibited\n\
          \t\toifname \"{br}\" iifname != \"{br}\" reject with icmpx type admin-prohibited\n\
          \t}}\n\
@@ -466,8 +469,8 @@ pub async fn remove(backend: Backend, iso: &Isolation) -> Result<(), FirewallErr
     }
 }
 
-/// The destinations on the host a sandbox on this bridge tried to reach directly and was refused
-/// (nft only: with iptables the list is always empty).
+/// The destinations a sandbox on this bridge tried to reach directly, on the host or beyond it,
+/// and was refused (nft only: with iptables the list is always empty).
 pub async fn rejected(backend: Backend, iso: &Isolation) -> Result<Vec<Rejected>, FirewallError> {
     iso.validate()?;
     if backend == Backend::Iptables {
@@ -598,6 +601,8 @@ table inet delegate_br_0123456789ab {
 \t}
 \tchain forward {
 \t\ttype filter hook forward priority -10; policy accept;
+\t\tiifname \"br-0123456789ab\" oifname != \"br-0123456789ab\" meta l4proto { tcp, udp } add @rejected4 { ip daddr . meta l4proto . th dport }
+\t\tiifname \"br-0123456789ab\" oifname != \"br-0123456789ab\" meta l4proto { tcp, udp } add @rejected6 { ip6 daddr . meta l4proto . th dport }
 \t\tiifname \"br-0123456789ab\" oifname != \"br-0123456789ab\" reject with icmpx type admin-prohibited
 \t\toifname \"br-0123456789ab\" iifname != \"br-0123456789ab\" reject with icmpx type admin-prohibited
 \t}

@@ -18,8 +18,10 @@
 //!          ── outbound to checked addresses only ──► allowed upstreams                       │
 //! ```
 //!
-//! - The task network is `internal: true`: Docker gives its containers no default route and drops
-//!   forwarding between it and any other interface, so nothing leaves it by routing.
+//! - The task network is `internal: true`: Docker drops forwarding between it and any other
+//!   interface, so nothing leaves it by routing. (Docker 20.10 still gives the containers a default
+//!   route via `G`: a direct connection elsewhere reaches the host's FORWARD path, where the rules
+//!   below reject it first — and remember it for the audit trail.)
 //! - The proxy listens on the network's gateway IP `G` — an address the host holds on bridge `br-X`
 //!   — so only containers on that network reach it. One proxy per task network is the simplest
 //!   wiring; several tasks may share one (each credential carries its own policy and may be
@@ -34,6 +36,9 @@
 //!   - forward: reject anything entering or leaving `br-X` from or to another interface — a second
 //!     lock behind Docker's isolation, and it also stops DNAT'd published ports of other
 //!     containers and other tasks' networks.
+//!   - nft also remembers each distinct TCP/UDP destination it rejected from `br-X` (input and
+//!     forward), so a sandbox's attempts to bypass the proxy are audited
+//!     ([`firewall::rejected`]).
 //!
 //!   With nftables these live in one table per bridge (`inet delegate_br_X`), applied atomically and
 //!   removed with the task, independent of the iptables backend Docker uses; without `nft` the same
@@ -47,6 +52,8 @@
 //! operator must apply equivalent rules on the node.
 //!
 //! # Wiring for one task (what the sandbox side calls)
+//!
+//! (`crate::sandbox::egress_wiring` does exactly this; one proxy per task.)
 //!
 //! 1. Policy: `let (policy, refused) = operator_policy.for_task(&spec.egress);` — report each
 //!    refused entry to the user (Notice event). The operator policy is

@@ -517,12 +517,13 @@ pub fn record_outputs(rec: &EgressRecord, secrets: &[Vec<u8>]) -> (EventKind, Op
     (event, line)
 }
 
-/// The audit event and log line for a direct connection the host firewall refused.
+/// The audit event and log line for a direct connection the host firewall refused (to the host
+/// itself or routed beyond it).
 pub fn rejection_outputs(r: &firewall::Rejected) -> (EventKind, String) {
     let addr = SocketAddr::new(r.addr, r.port).to_string();
     let detail = format!(
-        "rejected by the host firewall: a direct {} connection from the sandbox to the host, \
-         bypassing the egress proxy",
+        "rejected by the host firewall: a direct {} connection from the sandbox, bypassing the \
+         egress proxy",
         r.protocol
     );
     let line = format!("delegate: egress denied: {addr}: {detail}\n");
