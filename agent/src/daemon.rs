@@ -17,6 +17,8 @@ use crate::link::machine::Backoff;
 use crate::link::{Link, LinkSettings, LinkStatus};
 use crate::renew::Renewer;
 use crate::sandbox::{Sandbox, SandboxError, SandboxSettings};
+use crate::spool::journal::TaskJournal;
+use crate::spool::{keys, LoadedTask, Spool, SpoolError, SpoolSettings};
 use crate::task_io::{TaskInputs, TaskOutputTx, TaskResult};
 use crate::tasks::{Executor, TaskManager, TaskSettings};
 use crate::tls::{self, TlsError, TlsHandle};
@@ -38,13 +40,55 @@ pub enum AgentError {
     Tls(#[from] TlsError),
     #[error("cannot create data_dir {path}: {reason}")]
     DataDir { path: String, reason: String },
+    /// The at-rest key (key files in `data_dir/keys`, or `DELEGATE_SPOOL_KEY`).
+    #[error("spool key: {0}")]
+    Key(#[from] delegate_crypto::CryptoError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
 }
 
 impl AgentError {
     /// Whether the operator must fix the configuration (exit code 2) rather than the environment.
     pub fn is_config(&self) -> bool {
-        matches!(self, AgentError::Tls(_))
+        matches!(self, AgentError::Tls(_) | AgentError::Key(_))
     }
+}
+
+/// The agent's encrypted spool and the tasks it held when the agent stopped.
+pub struct Spooled {
+    pub spool: Spool,
+    pub loaded: Vec<LoadedTask>,
+}
+
+impl Spooled {
+    /// Tasks whose Docker objects must survive the start-up cleanup: every task the spool holds
+    /// that has not reported its end (running ones are resumed; a damaged one's containers are
+    /// left to finish rather than killed mid-apply, and go at the next start).
+    pub fn live_tasks(&self) -> Vec<uuid::Uuid> {
+        self.loaded
+            .iter()
+            .filter(|t| t.done_seq.is_none())
+            .map(|t| t.task)
+            .collect()
+    }
+}
+
+/// Open `data_dir/spool` under the agent's keys: `data_dir/keys/` (a first key is generated,
+/// 0600, when there is none) plus `env_key`, the value of `DELEGATE_SPOOL_KEY` if set.
+pub fn open_spool(config: &Config, env_key: Option<&str>) -> Result<Spooled, AgentError> {
+    create_data_dir(&config.data_dir)?;
+    let ring = keys::load(&config.data_dir, env_key)?;
+    let settings =
+        SpoolSettings::with_max(keys::spool_dir(&config.data_dir), config.spool.max_bytes);
+    let (spool, loaded) = Spool::open(settings, ring)?;
+    if !loaded.is_empty() {
+        info!(
+            tasks = loaded.len(),
+            spool_bytes = spool.usage(),
+            "the spool holds tasks from before the restart"
+        );
+    }
+    Ok(Spooled { spool, loaded })
 }
 
 /// How long to wait for running tasks after they were cancelled at the end of the drain.
@@ -72,8 +116,13 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Build from the configuration: reads the certificate files, creates `data_dir`.
-    pub fn new(config: &Config, executor: Arc<dyn Executor>) -> Result<Agent, AgentError> {
+    /// Build from the configuration: reads the certificate files, creates `data_dir`; task
+    /// output goes through `spooled` (see [`open_spool`]).
+    pub fn new(
+        config: &Config,
+        executor: Arc<dyn Executor>,
+        spooled: Spooled,
+    ) -> Result<Agent, AgentError> {
         create_data_dir(&config.data_dir)?;
         let cp = &config.control_plane;
         let tls = TlsHandle::new(tls::client_config(
@@ -104,12 +153,8 @@ impl Agent {
         // Tasks' outcomes, step durations, log bytes and egress decisions feed the metrics.
         let executor =
             crate::metrics::MeteredExecutor::new(executor, crate::metrics::global().clone());
-        Ok(Agent::from_parts(
-            link,
-            tasks,
-            executor,
-            config.agent.drain_timeout,
-        ))
+        let tasks = TaskManager::with_spool(tasks, executor, spooled.spool, spooled.loaded);
+        Ok(Agent::assemble(link, tasks, config.agent.drain_timeout))
     }
 
     /// Build from explicit settings (tests, embedding).
@@ -119,7 +164,10 @@ impl Agent {
         executor: Arc<dyn Executor>,
         drain_timeout: Duration,
     ) -> Agent {
-        let tasks = TaskManager::new(tasks, executor);
+        Agent::assemble(link, TaskManager::new(tasks, executor), drain_timeout)
+    }
+
+    fn assemble(link: LinkSettings, tasks: TaskManager, drain_timeout: Duration) -> Agent {
         let tls = link.tls.clone();
         let renewer = link.renewer.clone();
         Agent {
@@ -237,32 +285,42 @@ enum Readiness {
 /// is rejected with the reason; preparation is retried in the background.
 pub struct SandboxExecutor {
     state: RwLock<Readiness>,
+    /// The sandbox once ready, for tasks resumed after a restart (they wait for it).
+    ready: watch::Receiver<Option<Sandbox>>,
 }
+
+/// How long a task resumed after a restart waits for the Docker sandbox.
+const RESUME_WAIT: Duration = Duration::from_secs(600);
 
 impl SandboxExecutor {
     /// Start preparing the sandbox (connect to Docker, apply the image pull policy, remove
-    /// orphaned objects of this agent) and wait at most `first_wait` for the first attempt. On
-    /// failure the error is logged and the attempt repeated every `retry`.
+    /// orphaned objects of this agent except those of the `live` tasks the spool still holds)
+    /// and wait at most `first_wait` for the first attempt. On failure the error is logged and
+    /// the attempt repeated every `retry`.
     pub async fn start(
         settings: SandboxSettings,
         agent_id: String,
+        live: Vec<uuid::Uuid>,
         first_wait: Duration,
         retry: Duration,
     ) -> Arc<SandboxExecutor> {
+        let (ready_tx, ready) = watch::channel(None);
         let exec = Arc::new(SandboxExecutor {
             state: RwLock::new(Readiness::Unavailable(
                 "the Docker sandbox is being prepared".into(),
             )),
+            ready,
         });
         let (attempted_tx, mut attempted) = watch::channel(false);
         let weak = Arc::downgrade(&exec);
         tokio::spawn(async move {
             let mut last_error = String::new();
             loop {
-                let result = prepare(settings.clone(), &agent_id).await;
+                let result = prepare(settings.clone(), &agent_id, &live).await;
                 let Some(exec) = weak.upgrade() else { return };
                 match result {
                     Ok(sandbox) => {
+                        let _ = ready_tx.send(Some(sandbox.clone()));
                         exec.set(Readiness::Ready(sandbox));
                         let _ = attempted_tx.send(true);
                         return;
@@ -301,11 +359,15 @@ impl SandboxExecutor {
     }
 }
 
-async fn prepare(settings: SandboxSettings, agent_id: &str) -> Result<Sandbox, SandboxError> {
+async fn prepare(
+    settings: SandboxSettings,
+    agent_id: &str,
+    live: &[uuid::Uuid],
+) -> Result<Sandbox, SandboxError> {
     let sandbox = Sandbox::connect(settings, agent_id).await?;
     let version = sandbox.engine_version().await?;
     sandbox.ensure_image().await?;
-    let removed = sandbox.cleanup_orphans(&[]).await?;
+    let removed = sandbox.cleanup_orphans(live).await?;
     info!(
         docker = %version,
         image = %sandbox.settings().image,
@@ -336,5 +398,32 @@ impl Executor for SandboxExecutor {
                 }
             }),
         }
+    }
+    fn resume(
+        &self,
+        journal: TaskJournal,
+        out: TaskOutputTx,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'static, TaskResult> {
+        let mut ready = self.ready.clone();
+        Box::pin(async move {
+            let waited = tokio::select! {
+                r = tokio::time::timeout(RESUME_WAIT, ready.wait_for(Option::is_some)) => {
+                    r.ok().and_then(|r| r.ok()).and_then(|s| s.clone())
+                }
+                _ = cancel.cancelled() => None,
+            };
+            match waited {
+                Some(sandbox) => sandbox.resume_task(journal, out, cancel).await,
+                None => TaskResult {
+                    outcome: Outcome::Lost,
+                    reason: Some(format!(
+                        "the agent restarted while the task ran, and the Docker sandbox was not usable within {} to finish it",
+                        humantime::format_duration(RESUME_WAIT)
+                    )),
+                    summary: Summary::default(),
+                },
+            }
+        })
     }
 }

@@ -52,6 +52,11 @@ enum Command {
     },
     /// Print the agent and protocol versions.
     Version,
+    /// At-rest keys of the spool (data_dir/keys; or DELEGATE_SPOOL_KEY).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Check this host: configuration, permissions, certificate, control plane, Docker, sandbox
     /// image, disk space, egress. One line per check; exits 1 if any check fails.
     Doctor {
@@ -85,6 +90,20 @@ enum Command {
         /// data_dir written into agent.toml (default: OUT/data).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Make a new key current; spool files sealed under older keys stay readable.
+    Rotate {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Re-seal the spool's files under the current key (stop the agent first).
+    Reseal {
+        #[arg(long)]
+        config: PathBuf,
     },
 }
 
@@ -126,6 +145,7 @@ fn main() -> ExitCode {
         Command::Config {
             command: ConfigCommand::Check { config },
         } => config_check(&config),
+        Command::Keys { command } => keys_command(command),
         Command::Sandbox {
             command: SandboxCommand::BuildImage { from_binary, tag },
         } => with_runtime(async move {
@@ -220,6 +240,77 @@ fn enroll(
     })
 }
 
+/// `DELEGATE_SPOOL_KEY`, read here and nowhere else; wiped when dropped.
+fn spool_env_key() -> Option<zeroize::Zeroizing<String>> {
+    std::env::var(delegate_agent::spool::keys::ENV_KEY)
+        .ok()
+        .map(zeroize::Zeroizing::new)
+}
+
+fn keys_command(command: KeysCommand) -> ExitCode {
+    use delegate_agent::spool::keys;
+    let (KeysCommand::Rotate { config } | KeysCommand::Reseal { config }) = &command;
+    let cfg = match config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("delegate: {}", e.one_line());
+            return ExitCode::from(2);
+        }
+    };
+    match command {
+        KeysCommand::Rotate { .. } => match keys::rotate(&cfg.data_dir) {
+            Ok(id) => {
+                println!(
+                    "new current key {id} in {}; spool files sealed under older keys stay readable \
+                     (`delegate keys reseal --config FILE` re-seals them)",
+                    keys::key_dir(&cfg.data_dir).display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("delegate: cannot rotate the spool key: {e}");
+                ExitCode::from(1)
+            }
+        },
+        KeysCommand::Reseal { .. } => {
+            let env_key = spool_env_key();
+            let ring = match keys::load_existing(
+                &cfg.data_dir,
+                env_key.as_deref().map(String::as_str),
+            ) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("delegate: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match keys::reseal(&cfg.data_dir, &ring) {
+                Ok(r) => {
+                    println!(
+                        "{} spool file(s) checked, {} rewritten ({} record(s) re-sealed under key {})",
+                        r.files,
+                        r.rewritten,
+                        r.records,
+                        ring.current_id()
+                    );
+                    for f in &r.failed {
+                        eprintln!("delegate: not re-sealed: {f}");
+                    }
+                    if r.failed.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("delegate: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
 fn config_check(path: &std::path::Path) -> ExitCode {
     let mut problems = match config::load(path) {
         Ok(cfg) => {
@@ -299,14 +390,27 @@ async fn run_agent(cfg: Config) -> anyhow::Result<ExitCode> {
         "delegate agent starting"
     );
     let _ = notifier.status("checking Docker and the sandbox image");
+    // The spool first: the tasks it still holds keep their containers through the cleanup.
+    let spooled = {
+        let env_key = spool_env_key();
+        match delegate_agent::daemon::open_spool(&cfg, env_key.as_deref().map(String::as_str)) {
+            Ok(s) => s,
+            Err(e) if e.is_config() => {
+                eprintln!("delegate: {e}");
+                return Ok(ExitCode::from(2));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let executor = SandboxExecutor::start(
         cfg.sandbox_settings(),
         cfg.agent.name.clone(),
+        spooled.live_tasks(),
         DOCKER_FIRST_WAIT,
         DOCKER_RETRY,
     )
     .await;
-    let agent = match Agent::new(&cfg, executor.clone()) {
+    let agent = match Agent::new(&cfg, executor.clone(), spooled) {
         Ok(a) => a,
         Err(e) if e.is_config() => {
             eprintln!("delegate: {e}");

@@ -344,7 +344,18 @@ impl StateServer {
         creds: &Credentials,
         out: TaskOutputTx,
     ) -> Result<StateServer, BackendError> {
-        let listener = TcpListener::bind(SocketAddr::new(ip, 0))
+        Self::start_on(ip, 0, creds, out).await
+    }
+
+    /// Listen on `ip:port` (after an agent restart: where a step that outlived the agent still
+    /// sends its state requests).
+    pub async fn start_on(
+        ip: IpAddr,
+        port: u16,
+        creds: &Credentials,
+        out: TaskOutputTx,
+    ) -> Result<StateServer, BackendError> {
+        let listener = TcpListener::bind(SocketAddr::new(ip, port))
             .await
             .map_err(|source| BackendError::Bind { addr: ip, source })?;
         let addr = listener

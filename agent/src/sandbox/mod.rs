@@ -26,6 +26,7 @@ pub mod egress_wiring;
 mod hcl;
 pub mod image;
 pub mod logs;
+pub mod recover;
 pub mod steps;
 
 use crate::egress::firewall;
@@ -780,6 +781,19 @@ impl Inner {
         )
         .await?;
 
+        // From here on an agent restart can finish the task (see `recover`).
+        let mut journal = recover::Journaler::new(recover::Prepared {
+            image: &settings.image,
+            binary: &binary,
+            net: &net,
+            volume: &volume,
+            cache_volume: cache_volume.as_deref(),
+            timeout: stop.timeout,
+            backend: backend_env.as_ref().zip(_server.as_ref().map(|s| s.addr().port())),
+            steps: &steps,
+        });
+        journal.save(out).await?;
+
         // 6. The steps.
         let mut env = steps::build_env(&spec, backend_env.as_ref(), plugin_cache)
             .map_err(|e| Ended::failed(e.to_string()))?;
@@ -822,6 +836,7 @@ impl Inner {
                 resources,
             });
             let name = docker::step_container_name(task, index, step.name);
+            journal.started(out, index).await?;
             let run = docker::run_step(
                 d,
                 &name,
@@ -853,11 +868,13 @@ impl Inner {
             if step.name == "plan" {
                 plan_exit = Some(run.exit_code);
             }
+            journal.exited(out, index, step, &run).await?;
             let after = self
                 .after_step(step, &run, plan_exit, &secrets, out, stop, summary)
                 .await;
             docker::remove_container(d, &run.container).await;
             after?;
+            journal.done(out, index, summary).await?;
         }
         Ok(())
     }

@@ -51,6 +51,10 @@ pub struct TaskJournal {
     /// Set by the sandbox once the task's Docker objects exist and the workspace is uploaded.
     #[serde(default)]
     pub exec: Option<ExecJournal>,
+    /// Not stored: when the spool was last written before a restart (Unix ms), set when the
+    /// spool is loaded; says how long the agent was away.
+    #[serde(skip)]
+    pub last_spooled_ms: Option<u64>,
 }
 
 /// The Docker side of a task.
@@ -63,6 +67,12 @@ pub struct ExecJournal {
     pub network: String,
     /// The task network's gateway, where the agent serves the state backend.
     pub gateway: String,
+    /// The task network's IPv4 subnet, as `a.b.c.d/n`.
+    #[serde(default)]
+    pub subnet: Option<String>,
+    /// The task network's bridge interface (host firewall rules are bound to it).
+    #[serde(default)]
+    pub bridge: String,
     pub volume: String,
     pub cache_volume: Option<String>,
     /// The task's effective timeout, in seconds, counted from `started_at_ms`.
@@ -137,6 +147,7 @@ impl TaskJournal {
             started_at_ms,
             artifacts: Vec::new(),
             exec: None,
+            last_spooled_ms: None,
         }
     }
 
@@ -243,6 +254,8 @@ mod tests {
             binary: "tofu".into(),
             network: "n".into(),
             gateway: "172.30.0.1".into(),
+            subnet: Some("172.30.0.0/16".into()),
+            bridge: "dl-x".into(),
             volume: "v".into(),
             cache_volume: None,
             timeout_secs: 60,

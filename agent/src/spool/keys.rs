@@ -42,6 +42,11 @@ pub fn load(data_dir: &Path, env_key: Option<&str>) -> Result<KeyRing, CryptoErr
     KeyRing::load_or_create(&key_dir(data_dir), env_key)
 }
 
+/// The agent's key ring without generating a key when there is none (for `reseal`).
+pub fn load_existing(data_dir: &Path, env_key: Option<&str>) -> Result<KeyRing, CryptoError> {
+    KeyRing::load(&key_dir(data_dir), env_key)
+}
+
 /// Make a new key current; old keys stay so existing spool files still open. Returns its id.
 pub fn rotate(data_dir: &Path) -> Result<String, CryptoError> {
     delegate_crypto::rotate(&key_dir(data_dir))

@@ -460,6 +460,8 @@ struct ReadTask {
     done_seq: Option<u64>,
     journal: Option<TaskJournal>,
     journal_json: Option<Zeroizing<Vec<u8>>>,
+    /// Newest modification time of the task's segments (Unix ms).
+    last_write_ms: Option<u64>,
 }
 
 /// Read and verify a task directory. `None`: nothing in it.
@@ -493,6 +495,7 @@ fn read_task(ring: &KeyRing, task: Uuid, dir: &Path) -> Result<Option<ReadTask>,
         done_seq: None,
         journal: None,
         journal_json: None,
+        last_write_ms: None,
     };
     let mut expected = firsts[0];
     for first in firsts {
@@ -508,6 +511,12 @@ fn read_task(ring: &KeyRing, task: Uuid, dir: &Path) -> Result<Option<ReadTask>,
             )));
         }
         let bytes = fs::read(&path).map_err(io_err("read", &path))?;
+        let modified = fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as u64);
+        out.last_write_ms = out.last_write_ms.max(modified);
         for part in record::split_records(&bytes) {
             let (offset, sealed) = part.map_err(|e| integrity(e.to_string()))?;
             let plain = Zeroizing::new(delegate_crypto::open(ring, sealed).map_err(|e| {
@@ -571,6 +580,9 @@ fn read_task(ring: &KeyRing, task: Uuid, dir: &Path) -> Result<Option<ReadTask>,
         });
     }
     out.last_seq = expected - 1;
+    if let Some(j) = out.journal.as_mut() {
+        j.last_spooled_ms = out.last_write_ms;
+    }
     Ok(Some(out))
 }
 
@@ -604,6 +616,11 @@ impl TaskSpool {
     /// Seq of the last frame appended (0: none).
     pub fn last_seq(&self) -> u64 {
         self.last_seq
+    }
+
+    /// Bytes of the whole spool (all tasks).
+    pub fn spool_usage(&self) -> u64 {
+        self.shared.usage.load(Ordering::SeqCst)
     }
 
     /// Bytes of this task's segment files.

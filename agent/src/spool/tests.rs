@@ -68,6 +68,8 @@ fn journal_record(id: Uuid, after_seq: u64, step: StepState) -> RecordBody {
         binary: "tofu".into(),
         network: "n".into(),
         gateway: "10.0.0.1".into(),
+        subnet: None,
+        bridge: String::new(),
         volume: "v".into(),
         cache_volume: None,
         timeout_secs: 60,

@@ -491,6 +491,10 @@ impl State {
     /// Delete what acknowledgements freed in every task's spool. `pressure`: appends wait.
     fn compact(&mut self, pressure: bool) {
         let pressure = pressure || self.spool_waiters > 0;
+        if let Some(s) = &self.spool {
+            // Refreshed whatever this pass frees (it may free nothing).
+            crate::metrics::global().set_spool_bytes(s.usage());
+        }
         for (id, e) in self.tasks.iter_mut() {
             let acked = e.outbox.acked();
             if let Some(sp) = e.spool.as_mut() {
@@ -625,7 +629,9 @@ impl Entry {
                     json: j.to_json(),
                 });
             }
-            if let Err(err) = sp.append(&batch, false) {
+            let appended = sp.append(&batch, false);
+            crate::metrics::global().set_spool_bytes(sp.spool_usage());
+            if let Err(err) = appended {
                 error!(
                     task_id = %id,
                     error = %err,
@@ -891,6 +897,9 @@ impl Inner {
                     }
                 }
                 st.forget_acked_tasks();
+                if let Some(s) = &st.spool {
+                    crate::metrics::global().set_spool_bytes(s.usage());
+                }
                 drop(st);
                 self.space.notify_waiters();
                 self.changed.notify_waiters();
