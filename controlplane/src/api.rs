@@ -117,6 +117,7 @@ pub fn router(cp: Arc<ControlPlane>, token: String) -> Router {
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/audit/verify", get(audit_verify))
         .merge(crate::api_tasks::routes(cp.config.max_archive_bytes))
+        .merge(crate::api_admin::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(axum::middleware::from_fn(
             move |req: Request, next: Next| {

@@ -133,6 +133,13 @@ impl ApiClient {
             .map_err(|e| ClientError::BadResponse(e.to_string()))
     }
 
+    pub async fn delete_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let resp = self.send(self.http.delete(self.url(path))).await?;
+        resp.json()
+            .await
+            .map_err(|e| ClientError::BadResponse(e.to_string()))
+    }
+
     pub async fn put_bytes<T: DeserializeOwned>(
         &self,
         path: &str,

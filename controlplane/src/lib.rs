@@ -16,16 +16,21 @@
 //! - `agent_link`: the agent endpoint (mTLS, WebSocket, Hello/Welcome, heartbeats, frames).
 //! - `tasks`, `state`: what agents' task messages and state requests do.
 //! - `task_ops`: what users do to tasks (submit, cancel, approve).
-//! - `api`, `api_tasks`: the user API (HTTPS, bearer token, JSON).
+//! - `api`, `api_tasks`, `api_admin`: the user API (HTTPS, bearer token, JSON); `api_admin` has
+//!   workspace secrets and at-rest keys.
+//! - `keys`: `keys rotate` / `keys reseal` (through a running control plane, or offline).
 //! - `serve`: binding listeners and running everything until shutdown.
-//! - `client`, `cli`, `pack`: the CLI side: HTTP client, commands and output, workspace packing.
+//! - `client`, `cli`, `cli_admin`, `pack`: the CLI side: HTTP client, commands and output,
+//!   workspace packing.
 
 pub mod agent_link;
 pub mod api;
+pub mod api_admin;
 pub mod api_tasks;
 pub mod at_rest;
 pub mod audit;
 pub mod cli;
+pub mod cli_admin;
 pub mod client;
 pub mod config;
 pub mod cp;
@@ -33,6 +38,7 @@ pub mod demo;
 pub mod dispatch;
 pub mod hub;
 pub mod init;
+pub mod keys;
 pub mod lease;
 pub mod lock;
 pub mod pack;

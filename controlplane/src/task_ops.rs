@@ -130,6 +130,42 @@ fn check_map(what: &str, m: &BTreeMap<String, String>, allow_dash: bool) -> Resu
     Ok(())
 }
 
+/// A secret's name and value (the message names the secret, never shows its value). Values
+/// shorter than [`limits::MIN_SECRET_LEN`] bytes are refused: redacting them from logs would
+/// also redact ordinary text.
+pub fn check_secret(name: &str, value: &str) -> Result<(), OpError> {
+    check_ident("secret", name, false)?;
+    if value.len() < limits::MIN_SECRET_LEN {
+        return Err(bad(format!(
+            "secret {name} is shorter than {} bytes; values that short cannot be redacted from \
+             logs without redacting ordinary text, so they are refused",
+            limits::MIN_SECRET_LEN
+        )));
+    }
+    if value.len() > limits::MAX_VALUE {
+        return Err(bad(format!(
+            "secret {name} is longer than the limit of {} bytes",
+            limits::MAX_VALUE
+        )));
+    }
+    Ok(())
+}
+
+/// The secrets a task runs with: the workspace's stored set, overridden by the task's own
+/// secrets and plain env of the same name (task-level wins).
+pub fn merge_secrets(
+    mut workspace: Secrets,
+    task: &Secrets,
+    env: &BTreeMap<String, String>,
+) -> Secrets {
+    let mut out = std::mem::take(&mut workspace.0);
+    out.retain(|k, _| !env.contains_key(k));
+    for (k, v) in &task.0 {
+        out.insert(k.clone(), v.clone());
+    }
+    Secrets(out)
+}
+
 /// Check a submission against the limits; decode its archive.
 pub fn validate_submit(
     req: &SubmitRequest,
@@ -162,6 +198,9 @@ pub fn validate_submit(
     check_map("variable", &req.vars, true)?;
     check_map("env variable", &req.env, false)?;
     check_map("secret", &req.secrets.0, false)?;
+    for (k, v) in &req.secrets.0 {
+        check_secret(k, v)?;
+    }
     for k in req.secrets.0.keys() {
         if req.env.contains_key(k) {
             return Err(bad(format!("{k} is given both as --env and as --secret")));
@@ -216,7 +255,7 @@ fn too_large(size: u64, max: u64) -> OpError {
 }
 
 /// Whether a task's Assign fits in one control frame.
-fn check_assign_size(t: &TaskRow, secrets: &Secrets) -> Result<(), OpError> {
+pub fn check_assign_size(t: &TaskRow, secrets: &Secrets) -> Result<(), OpError> {
     let spec = spec_for(t, secrets.clone());
     let len = encode_text(&Message::Assign(Assign { task: spec })).len();
     if len > limits::MAX_CONTROL_FRAME {
@@ -252,7 +291,14 @@ impl ControlPlane {
             plan: None,
             parent: None,
         };
-        check_assign_size(&preview_row(&new), &v.secrets)?;
+        let stored = self
+            .store
+            .workspace_secrets(&new.workspace)
+            .map_err(internal)?;
+        check_assign_size(
+            &preview_row(&new),
+            &merge_secrets(stored, &v.secrets, &new.inputs.env),
+        )?;
         let blob = self.blobs.put("archive", &v.archive).map_err(internal)?;
         let new = NewTask {
             archive: StoredBlob {
@@ -569,6 +615,13 @@ mod tests {
                 400,
                 "timeout",
             ),
+            (
+                Box::new(|r| {
+                    r.secrets.0.insert("SHORT_ONE".into(), "s3c".into());
+                }),
+                400,
+                "secret SHORT_ONE is shorter than 4 bytes",
+            ),
         ];
         for (edit, status, word) in cases {
             let mut r = req();
@@ -577,6 +630,30 @@ mod tests {
             assert_eq!(err.status, status, "{err}");
             assert!(err.message.contains(word), "{err}");
             assert!(!err.message.contains("s3cr3t"), "{err}");
+            assert!(!err.message.contains("\"s3c\""), "{err}");
         }
+    }
+
+    #[test]
+    fn secret_checks_and_merge() {
+        assert!(check_secret("TOKEN", "abcd").is_ok());
+        let err = check_secret("TOKEN", "abc").unwrap_err();
+        assert!(err.message.contains("TOKEN"), "{err}");
+        assert!(!err.message.contains("abc"), "{err}");
+        assert!(check_secret("1BAD", "abcdef").is_err());
+        let ws = Secrets(BTreeMap::from([
+            ("A".to_string(), "ws-a-value".to_string()),
+            ("B".to_string(), "ws-b-value".to_string()),
+            ("C".to_string(), "ws-c-value".to_string()),
+        ]));
+        let task = Secrets(BTreeMap::from([(
+            "A".to_string(),
+            "task-a-value".to_string(),
+        )]));
+        let env = BTreeMap::from([("C".to_string(), "plain".to_string())]);
+        let merged = merge_secrets(ws, &task, &env);
+        assert_eq!(merged.0["A"], "task-a-value", "the task's own secret wins");
+        assert_eq!(merged.0["B"], "ws-b-value");
+        assert!(!merged.0.contains_key("C"), "a task env of that name wins");
     }
 }

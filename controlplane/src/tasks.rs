@@ -5,6 +5,7 @@
 //! Owns: task state transitions driven by agents. Never trusts an agent with a task it was not
 //! assigned, and never re-runs a task that was running: it ends `lost` instead.
 
+use crate::audit::AuditEntry;
 use crate::cp::ControlPlane;
 use crate::dispatch::{cooldown_ends, pick, Candidate, Rejection};
 use crate::hub::{AgentConn, Hub};
@@ -13,7 +14,7 @@ use crate::store::StoreError;
 use crate::store_tasks::{self as st, StoredBlob, TaskRow, TaskState};
 use delegate_protocol::{
     encode_binary, Assign, BinaryFrame, BlobRef, Cancel, ChunkFrame, ChunkKind, ErrorCode,
-    HeldTask, Message, Op, Outcome, ResumePoint, Secrets, TaskSpec,
+    EventKind, HeldTask, Message, Op, Outcome, ResumePoint, Secrets, TaskSpec,
 };
 use ring::digest::{Context, SHA256};
 use std::collections::{BTreeSet, HashSet};
@@ -120,6 +121,38 @@ pub fn input_chunks(task_id: Uuid, kind: ChunkKind, data: &[u8]) -> Vec<Vec<u8>>
             }))
         })
         .collect()
+}
+
+/// The audit record for an egress proxy decision the agent reported (`egress.allowed` /
+/// `egress.denied`; who = the agent, target = the task). None for other events.
+pub fn egress_audit(agent: &str, task: Uuid, event: &EventKind) -> Option<AuditEntry> {
+    let EventKind::Egress {
+        destination,
+        address,
+        allowed,
+        detail,
+        bytes_up,
+        bytes_down,
+        duration_ms,
+    } = event
+    else {
+        return None;
+    };
+    let (action, decision) = if *allowed {
+        ("egress.allowed", format!("rule {detail}"))
+    } else {
+        ("egress.denied", format!("denied: {detail}"))
+    };
+    Some(AuditEntry::new(
+        agent,
+        action,
+        task.to_string(),
+        format!(
+            "destination {destination} address {} {decision}; {bytes_up} bytes up, \
+             {bytes_down} bytes down, {duration_ms} ms",
+            address.as_deref().unwrap_or("-")
+        ),
+    ))
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {
@@ -316,22 +349,33 @@ impl ControlPlane {
             };
             let secrets = hub.secrets.get(&t.id).cloned();
             if !t.inputs.secret_names.is_empty() && secrets.is_none() {
-                let reason =
-                    "its secrets were held in memory only and the control plane restarted \
-                              before it ran; submit it again";
-                if let Ok(true) =
-                    self.store
-                        .finish(t.id, Outcome::Failed, Some(reason), None, crate::now_ms())
-                {
-                    self.audit(
-                        "controlplane",
-                        "task.finished",
-                        &t.id.to_string(),
-                        &format!("failed: {reason}"),
+                let reason = "its secrets were held in memory only and the control plane \
+                              restarted before it ran; submit it again";
+                self.fail_queued(&mut hub, &t, reason);
+                continue;
+            }
+            // The workspace's stored secrets, under the task's own (which win).
+            let secrets = match self.store.workspace_secrets(&t.workspace) {
+                Ok(stored) => crate::task_ops::merge_secrets(
+                    stored,
+                    &secrets.unwrap_or_default(),
+                    &t.inputs.env,
+                ),
+                Err(e) => {
+                    let reason = format!(
+                        "the control plane cannot read the stored secrets of workspace {}: {e}",
+                        t.workspace
                     );
-                    hub.forget_task(None, t.id, false);
-                    self.notify_change();
+                    self.fail_queued(&mut hub, &t, &reason);
+                    continue;
                 }
+            };
+            if let Err(e) = crate::task_ops::check_assign_size(&t, &secrets) {
+                self.fail_queued(
+                    &mut hub,
+                    &t,
+                    &format!("{} (with the workspace's stored secrets)", e.message),
+                );
                 continue;
             }
             match self.store.mark_assigned(t.id, &agent, crate::now_ms()) {
@@ -342,7 +386,7 @@ impl ControlPlane {
                     continue;
                 }
             }
-            let spec = spec_for(&t, secrets.unwrap_or_default());
+            let spec = spec_for(&t, secrets);
             if let Some(c) = hub.agents.get_mut(&agent) {
                 c.held.insert(t.id);
             }
@@ -357,6 +401,24 @@ impl ControlPlane {
             self.notify_change();
         }
         wake
+    }
+
+    /// A queued task that cannot be dispatched ends `failed` with `reason`.
+    fn fail_queued(&self, hub: &mut Hub, t: &TaskRow, reason: &str) {
+        if let Ok(true) =
+            self.store
+                .finish(t.id, Outcome::Failed, Some(reason), None, crate::now_ms())
+        {
+            tracing::warn!(task = %t.id, "task failed before dispatch: {reason}");
+            self.audit(
+                "controlplane",
+                "task.finished",
+                &t.id.to_string(),
+                &format!("failed: {reason}"),
+            );
+            hub.forget_task(None, t.id, false);
+            self.notify_change();
+        }
     }
 
     /// The task `id` as `agent` may speak about it.
@@ -558,7 +620,12 @@ impl ControlPlane {
                 }
                 Item::Event(e) => {
                     let json = serde_json::to_string(&e.event).unwrap_or_else(|_| "{}".into());
-                    st::insert_event(c, id, seq, e.at_ms as i64, &json)
+                    st::insert_event(c, id, seq, e.at_ms as i64, &json)?;
+                    // An egress decision is also an audit record, stored with the event: once.
+                    if let Some(entry) = egress_audit(agent, id, &e.event) {
+                        crate::store::audit_in(c, &entry, now)?;
+                    }
+                    Ok(())
                 }
                 Item::Part(p) => {
                     st::insert_part(c, id, seq, p.kind.as_str(), &at_rest.seal(&p.data)?)
@@ -685,6 +752,51 @@ mod tests {
         assert_eq!(joined, data);
         let empty = input_chunks(id, ChunkKind::Plan, &[]);
         assert_eq!(empty.len(), 1);
+    }
+
+    #[test]
+    fn egress_decisions_become_audit_records() {
+        let task = Uuid::from_u128(5);
+        let allowed = EventKind::Egress {
+            destination: "registry.opentofu.org:443".into(),
+            address: Some("192.0.2.10:443".into()),
+            allowed: true,
+            detail: "registry.opentofu.org:443".into(),
+            bytes_up: 1200,
+            bytes_down: 34000,
+            duration_ms: 250,
+        };
+        let e = egress_audit("a1", task, &allowed).unwrap();
+        assert_eq!(e.who, "a1");
+        assert_eq!(e.action, "egress.allowed");
+        assert_eq!(e.target, task.to_string());
+        assert_eq!(
+            e.detail,
+            "destination registry.opentofu.org:443 address 192.0.2.10:443 rule \
+             registry.opentofu.org:443; 1200 bytes up, 34000 bytes down, 250 ms"
+        );
+        let denied = EventKind::Egress {
+            destination: "169.254.169.254:80".into(),
+            address: None,
+            allowed: false,
+            detail: "link-local address refused".into(),
+            bytes_up: 0,
+            bytes_down: 0,
+            duration_ms: 0,
+        };
+        let e = egress_audit("a1", task, &denied).unwrap();
+        assert_eq!(e.action, "egress.denied");
+        assert!(
+            e.detail.starts_with(
+                "destination 169.254.169.254:80 address - denied: link-local address refused;"
+            ),
+            "{}",
+            e.detail
+        );
+        let other = EventKind::StepStarted {
+            step: "init".into(),
+        };
+        assert!(egress_audit("a1", task, &other).is_none());
     }
 
     #[test]
