@@ -10,8 +10,8 @@ use crate::config::DataDir;
 use crate::keys::{Offline, ResealReport, RotateReport};
 use std::io::BufRead;
 
-/// Where `secrets set` takes the value from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where `secrets set` takes the value from. `Debug` never shows a value.
+#[derive(Clone, PartialEq, Eq)]
 pub enum SecretSource {
     /// `--value V` (visible in the process list; prefer the others).
     Value(String),
@@ -19,6 +19,16 @@ pub enum SecretSource {
     Env(String),
     /// Neither: the first line of standard input.
     Stdin,
+}
+
+impl std::fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretSource::Value(_) => f.write_str("Value(..)"),
+            SecretSource::Env(var) => write!(f, "Env({var:?})"),
+            SecretSource::Stdin => f.write_str("Stdin"),
+        }
+    }
 }
 
 /// The secret's value from its source. `getenv` and `stdin` are injected for tests.

@@ -154,6 +154,53 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Workspace secrets: stored sealed, merged into every task of the workspace.
+    Secrets {
+        #[command(subcommand)]
+        action: SecretsAction,
+    },
+    /// At-rest keys (DIR/keys, or DELEGATE_CP_KEY).
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum SecretsAction {
+    /// Store (or replace) a secret; the value comes from --from-env, --value, or standard input.
+    Set {
+        workspace: String,
+        name: String,
+        /// Read the value from this environment variable.
+        #[arg(long, value_name = "VAR", conflicts_with = "value")]
+        from_env: Option<String>,
+        /// The value itself (visible to other local users in the process list).
+        #[arg(long, value_name = "V")]
+        value: Option<String>,
+    },
+    /// List a workspace's secret names (never values).
+    List {
+        workspace: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a secret.
+    Rm { workspace: String, name: String },
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Make a new key current; data sealed under older keys stays readable.
+    Rotate {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-seal everything stored under the current key.
+    Reseal {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -238,6 +285,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(delegate_controlplane::serve::serve(&dd, shutdown_signal()))?;
             String::new()
         }
+        Command::Keys { action } => {
+            let env_key = std::env::var(delegate_controlplane::at_rest::KEY_ENV)
+                .ok()
+                .map(zeroize::Zeroizing::new);
+            let env_key = env_key.as_deref().map(String::as_str);
+            rt.block_on(async {
+                match action {
+                    KeysAction::Rotate { json } => {
+                        delegate_controlplane::cli_admin::keys_rotate(&dd, env_key, json).await
+                    }
+                    KeysAction::Reseal { json } => {
+                        delegate_controlplane::cli_admin::keys_reseal(&dd, env_key, json).await
+                    }
+                }
+            })?
+        }
         command => rt.block_on(async {
             let client = ApiClient::from_data_dir(&dd)?;
             let mut stdout = std::io::stdout();
@@ -296,7 +359,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     version,
                     json,
                 } => cli::state(&client, &workspace, version, json).await,
-                Command::Init { .. } | Command::Serve | Command::Demo { .. } => {
+                Command::Secrets { action } => {
+                    use delegate_controlplane::cli_admin::{self as admin, SecretSource};
+                    match action {
+                        SecretsAction::Set {
+                            workspace,
+                            name,
+                            from_env,
+                            value,
+                        } => {
+                            let source = match (from_env, value) {
+                                (Some(var), _) => SecretSource::Env(var),
+                                (None, Some(v)) => SecretSource::Value(v),
+                                (None, None) => SecretSource::Stdin,
+                            };
+                            let value = admin::secret_value(
+                                &source,
+                                |n| std::env::var(n).ok(),
+                                &mut std::io::stdin().lock(),
+                            )?;
+                            admin::secrets_set(&client, &workspace, &name, &value).await
+                        }
+                        SecretsAction::List { workspace, json } => {
+                            admin::secrets_list(&client, &workspace, json).await
+                        }
+                        SecretsAction::Rm { workspace, name } => {
+                            admin::secrets_rm(&client, &workspace, &name).await
+                        }
+                    }
+                }
+                Command::Init { .. }
+                | Command::Serve
+                | Command::Demo { .. }
+                | Command::Keys { .. } => {
                     unreachable!("handled above")
                 }
             }
