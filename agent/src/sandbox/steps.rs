@@ -256,6 +256,13 @@ fn agent_env(backend: Option<&BackendEnv>, plugin_cache: bool) -> Vec<(String, S
         env.push(("TF_HTTP_UPDATE_METHOD".into(), "POST".into()));
         env.push(("TF_HTTP_USERNAME".into(), b.username.clone()));
         env.push(("TF_HTTP_PASSWORD".into(), b.password.clone()));
+        // The backend is relayed over the link to the control plane. A dropped link answers 503
+        // until the agent reconnects; let tofu ride that out (up to about a minute) instead of
+        // failing after its default two retries. Retrying is safe: re-locking by the holder and
+        // unlocking a free workspace both succeed, and a repeated write stores the same state.
+        env.push(("TF_HTTP_RETRY_MAX".into(), "15".into()));
+        env.push(("TF_HTTP_RETRY_WAIT_MIN".into(), "1".into()));
+        env.push(("TF_HTTP_RETRY_WAIT_MAX".into(), "5".into()));
     }
     if plugin_cache {
         env.push(("TF_PLUGIN_CACHE_DIR".into(), PLUGIN_CACHE_DIR.into()));
@@ -579,6 +586,22 @@ mod tests {
             .iter()
             .any(|e| e.starts_with("TF_HTTP_") || e.starts_with("TF_PLUGIN")));
         assert!(!format!("{backend:?}").contains("pw"));
+    }
+
+    #[test]
+    fn backend_env_rides_out_a_dropped_link() {
+        let b = BackendEnv {
+            address: "http://172.18.0.1:4000/state".into(),
+            username: "task".into(),
+            password: "pw-123456".into(),
+        };
+        let env = agent_env(Some(&b), false);
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        assert_eq!(get("TF_HTTP_RETRY_MAX").as_deref(), Some("15"));
+        assert_eq!(get("TF_HTTP_RETRY_WAIT_MAX").as_deref(), Some("5"));
+        assert!(agent_env(None, false)
+            .iter()
+            .all(|(n, _)| !n.starts_with("TF_HTTP")));
     }
 
     #[test]
