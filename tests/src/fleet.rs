@@ -31,7 +31,7 @@ impl Fleet {
     pub async fn start_with(names: &[&str], slots: u32, edit: impl Fn(&mut toml::Table)) -> Fleet {
         let run = crate::run_id();
         let image = sandbox_image();
-        let mut cp = ControlPlane::init(names, Some(1000));
+        let mut cp = ControlPlane::init(names, Some(2000));
         cp.start().await;
         let mut agents = Vec::new();
         for name in names {
@@ -114,12 +114,14 @@ impl Fleet {
     /// Wait for the task to finish and insist it succeeded (printing its logs if not).
     pub async fn succeeded(&self, id: &str) -> Value {
         let v = self.finished(id).await;
-        assert_eq!(
-            v["outcome"],
-            "succeeded",
-            "task {id} did not succeed: {v:#}\nlogs:\n{}",
-            self.logs(id)
-        );
+        if v["outcome"] != "succeeded" {
+            let logs = self.logs(id);
+            let lines: Vec<&str> = logs.lines().collect();
+            panic!(
+                "task {id} did not succeed: {v:#}\nlast log lines:\n{}",
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            );
+        }
         v
     }
 
@@ -132,4 +134,49 @@ impl Fleet {
     pub fn leftovers(&self) -> Vec<String> {
         crate::docker::labelled(&self.run)
     }
+}
+
+/// Compare two task logs; on a difference, panic with the first differing line only (task logs are
+/// large).
+pub fn assert_same_log(what: &str, expected: &str, got: &str) {
+    // tofu prints these two lines only when taking or releasing the lock is slower than 400 ms
+    // (its "slow message" threshold), so whether they appear depends on timing, not on delivery.
+    fn stable(log: &str) -> String {
+        log.split_inclusive('\n')
+            .filter(|l| {
+                !matches!(
+                    l.trim_end(),
+                    "Acquiring state lock. This may take a few moments..."
+                        | "Releasing state lock. This may take a few moments..."
+                )
+            })
+            .collect()
+    }
+    let (expected, got) = (&stable(expected), &stable(got));
+    if expected == got {
+        return;
+    }
+    let (e, g): (Vec<&str>, Vec<&str>) = (expected.lines().collect(), got.lines().collect());
+    let first = e
+        .iter()
+        .zip(g.iter())
+        .position(|(a, b)| a != b)
+        .unwrap_or(e.len().min(g.len()));
+    let window = |v: &Vec<&str>| {
+        v[first.saturating_sub(2)..(first + 3).min(v.len())]
+            .iter()
+            .map(|l| format!("    {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    panic!(
+        "{what}: logs differ ({} vs {} lines, {} vs {} bytes); first difference at line {}:\nexpected:\n{}\ngot:\n{}",
+        e.len(),
+        g.len(),
+        expected.len(),
+        got.len(),
+        first + 1,
+        window(&e),
+        window(&g)
+    );
 }

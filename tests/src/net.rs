@@ -21,6 +21,7 @@ pub struct Relay {
     pub addr: SocketAddr,
     blackhole: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
+    pumps: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl Relay {
@@ -29,6 +30,8 @@ impl Relay {
         let addr = listener.local_addr().unwrap();
         let blackhole = Arc::new(AtomicBool::new(false));
         let bh = blackhole.clone();
+        let pumps: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let ps = pumps.clone();
         let task = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 let Ok(outbound) = TcpStream::connect(target).await else {
@@ -36,19 +39,34 @@ impl Relay {
                 };
                 let (ri, wi) = inbound.into_split();
                 let (ro, wo) = outbound.into_split();
-                tokio::spawn(pump(ri, wo, bh.clone()));
-                tokio::spawn(pump(ro, wi, bh.clone()));
+                let a = tokio::spawn(pump(ri, wo, bh.clone()));
+                let b = tokio::spawn(pump(ro, wi, bh.clone()));
+                let mut ps = ps.lock().unwrap();
+                ps.retain(|h| !h.is_finished());
+                ps.push(a.abort_handle());
+                ps.push(b.abort_handle());
             }
         });
         Relay {
             addr,
             blackhole,
             task,
+            pumps,
         }
     }
 
     pub fn set_blackhole(&self, on: bool) {
         self.blackhole.store(on, Ordering::SeqCst);
+    }
+
+    /// Cut every connection now (both sockets dropped mid-stream); returns how many were open.
+    pub fn cut(&self) -> usize {
+        let mut ps = self.pumps.lock().unwrap();
+        let open = ps.iter().filter(|h| !h.is_finished()).count() / 2;
+        for h in ps.drain(..) {
+            h.abort();
+        }
+        open
     }
 }
 
