@@ -90,10 +90,15 @@ async fn handle_tcp(
         }
         Ok(Ok(s)) => s,
     };
-    let identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
-        Some(cert) => match crate::pki::common_name(cert.as_ref()) {
-            Ok(cn) => cn,
-            Err(e) => return refuse(&cp, peer, &format!("client certificate: {e}")),
+    let (identity, serial) = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+        Some(cert) => match (
+            crate::pki::common_name(cert.as_ref()),
+            crate::pki::serial_hex(cert.as_ref()),
+        ) {
+            (Ok(cn), Ok(serial)) => (cn, serial),
+            (Err(e), _) | (_, Err(e)) => {
+                return refuse(&cp, peer, &format!("client certificate: {e}"))
+            }
         },
         None => return refuse(&cp, peer, "no client certificate"),
     };
@@ -136,6 +141,10 @@ async fn handle_tcp(
         }
         Ok(Ok(ws)) => ws,
     };
+    // Revoked or superseded: told why and closed before Hello (see `revoke`).
+    if let Err(r) = crate::revoke::admit_certificate(&cp, &identity, &serial) {
+        return crate::revoke::refuse_connection(&cp, &identity, &peer.to_string(), ws, r).await;
+    }
     run_connection(cp, identity, peer, ws).await;
 }
 
@@ -349,6 +358,9 @@ impl Session {
                 return Err(msg);
             }
         };
+        if let Err(r) = crate::revoke::admit_hello(&self.cp, &self.agent, &hello.pool) {
+            return Err(self.refuse_identity(r));
+        }
         if hello.name != self.agent {
             tracing::info!(
                 agent = %self.agent,
@@ -374,6 +386,12 @@ impl Session {
             if let Some(close) = old.close.take() {
                 let _ = close.send(format!("replaced by a new connection from {}", self.peer));
             }
+        }
+        // A revocation recorded between the check above and the registration found no
+        // connection to close: look again now that this one is visible to it.
+        if let Err(r) = crate::revoke::admit_hello(&self.cp, &self.agent, &hello.pool) {
+            self.cp.hub().unregister(&self.agent, self.conn_id);
+            return Err(self.refuse_identity(r));
         }
         let now = crate::now_ms();
         match self.cp.store.agent_connected(
@@ -443,6 +461,10 @@ impl Session {
                     tracing::warn!(agent = %self.agent, error = %e, "cannot record heartbeat");
                 }
             }
+            Message::RenewRequest(r) => {
+                let result = crate::enroll::renew(&self.cp, &self.agent, &r.csr_pem);
+                self.on_reply(result);
+            }
             Message::Error(e) => {
                 tracing::warn!(
                     agent = %self.agent,
@@ -506,6 +528,13 @@ impl Session {
         Counters::bump(&self.cp.counters.protocol_violations);
         tracing::warn!(agent = %self.agent, task = ?task_id, "protocol violation: {message}");
         self.send_error(ErrorCode::ProtocolViolation, message, task_id);
+    }
+
+    /// Refuse this identity after its Hello: audited, told why; returns the end reason.
+    fn refuse_identity(&self, r: crate::revoke::Refusal) -> EndReason {
+        crate::revoke::audit_refusal(&self.cp, &self.agent, &self.peer, &r);
+        self.send(&r.message());
+        r.to_string()
     }
 
     fn flush_acks(&mut self) {

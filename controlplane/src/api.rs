@@ -117,6 +117,7 @@ pub fn router(cp: Arc<ControlPlane>, token: String) -> Router {
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/audit/verify", get(audit_verify))
         .merge(crate::api_tasks::routes(cp.config.max_archive_bytes))
+        .merge(crate::enroll::routes())
         .merge(crate::api_admin::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(axum::middleware::from_fn(
@@ -139,6 +140,8 @@ pub fn router(cp: Arc<ControlPlane>, token: String) -> Router {
                 }
             },
         ))
+        // After the bearer layer, so without it: the bootstrap token in the body is the credential.
+        .merge(crate::enroll::public_routes())
         .with_state(cp)
 }
 
@@ -158,18 +161,19 @@ async fn status(State(cp): State<Arc<ControlPlane>>) -> ApiResult<Json<StatusVie
 
 async fn agents(State(cp): State<Arc<ControlPlane>>) -> ApiResult<Json<Vec<AgentView>>> {
     let rows = cp.store.agents()?;
-    Ok(Json(
-        rows.into_iter()
-            .map(|a| AgentView {
-                name: a.name,
-                state: a.state,
-                version: a.version,
-                pool: a.pool,
-                labels: a.labels,
-                last_heartbeat: a.last_heartbeat_ms.map(crate::rfc3339),
-            })
-            .collect(),
-    ))
+    let mut views = rows
+        .into_iter()
+        .map(|a| AgentView {
+            name: a.name,
+            state: a.state,
+            version: a.version,
+            pool: a.pool,
+            labels: a.labels,
+            last_heartbeat: a.last_heartbeat_ms.map(crate::rfc3339),
+        })
+        .collect();
+    crate::revoke::overlay_identities(&mut views, &cp.store.agent_identities()?);
+    Ok(Json(views))
 }
 
 /// `GET /api/v1/agents/{name}`: the listing's fields plus slots, held tasks and history.
@@ -211,6 +215,10 @@ async fn agent_detail(
         .into_iter()
         .find(|a| a.name == name)
         .ok_or_else(|| ApiError::not_found(format!("no agent {name}")))?;
+    let revoked = cp
+        .store
+        .agent_identity(&name)?
+        .is_some_and(|i| i.is_revoked());
     let tasks = cp
         .store
         .held_by(&name)?
@@ -235,7 +243,7 @@ async fn agent_detail(
         connections,
         agent: AgentView {
             name: a.name,
-            state: a.state,
+            state: if revoked { "revoked".into() } else { a.state },
             version: a.version,
             pool: a.pool,
             labels: a.labels,

@@ -13,6 +13,8 @@
 //!   what to do with a sequenced message, who holds a workspace lock, what happens to a silent
 //!   agent's tasks).
 //! - `cp`: the control plane's shared state and the dispatcher loop.
+//! - `tokens`, `enroll`, `revoke` (+ `store_enroll`): bootstrap tokens, enrollment and renewal
+//!   of agent certificates, revocation.
 //! - `agent_link`: the agent endpoint (mTLS, WebSocket, Hello/Welcome, heartbeats, frames).
 //! - `tasks`, `state`: what agents' task messages and state requests do.
 //! - `task_ops`: what users do to tasks (submit, cancel, approve).
@@ -36,6 +38,7 @@ pub mod config;
 pub mod cp;
 pub mod demo;
 pub mod dispatch;
+pub mod enroll;
 pub mod hub;
 pub mod init;
 pub mod keys;
@@ -43,10 +46,12 @@ pub mod lease;
 pub mod lock;
 pub mod pack;
 pub mod pki;
+pub mod revoke;
 pub mod seq;
 pub mod serve;
 pub mod state;
 pub mod store;
+pub mod store_enroll;
 pub mod store_secrets;
 pub mod store_state;
 pub mod store_tasks;
@@ -54,6 +59,7 @@ pub mod task_ops;
 pub mod tasks;
 pub mod tls;
 pub mod token;
+pub mod tokens;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

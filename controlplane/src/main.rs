@@ -60,10 +60,17 @@ enum Command {
         #[arg(long = "label", value_name = "KEY=VALUE")]
         labels: Vec<String>,
     },
-    /// List agents.
+    /// List agents, or revoke one.
     Agents {
         #[arg(long)]
         json: bool,
+        #[command(subcommand)]
+        action: Option<AgentsAction>,
+    },
+    /// Bootstrap tokens for `delegate enroll`.
+    Tokens {
+        #[command(subcommand)]
+        action: TokensAction,
     },
     /// Pack a workspace directory and submit a task.
     Submit {
@@ -203,6 +210,49 @@ enum KeysAction {
     },
 }
 
+#[derive(Subcommand)]
+enum AgentsAction {
+    /// Revoke an agent: close its connection now and refuse it from then on.
+    Revoke {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokensAction {
+    /// Make a bootstrap token for a pool (its value is printed once and never stored).
+    Create {
+        /// The pool enrolled agents join.
+        #[arg(long)]
+        pool: String,
+        /// How long the token can be used, e.g. 30m, 1h, 7d.
+        #[arg(long, default_value = delegate_controlplane::tokens::DEFAULT_TTL)]
+        ttl: String,
+        /// How many agents can enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Enrolled names must start with this (and are made from it when an agent gives none).
+        #[arg(long, value_name = "PREFIX")]
+        name_prefix: Option<String>,
+        /// Print {"token", "url", "ca_sha256", ...}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tokens (never their values).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by its id.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo narrates on stdout; the control plane it runs in-process only speaks up for problems.
@@ -306,7 +356,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut stdout = std::io::stdout();
             let mut stderr = std::io::stderr();
             match command {
-                Command::Agents { json } => cli::agents(&client, json).await,
+                Command::Agents {
+                    action: Some(AgentsAction::Revoke { name, json }),
+                    ..
+                } => delegate_controlplane::revoke::cli_revoke(&client, &name, json).await,
+                Command::Agents { json, action: None } => cli::agents(&client, json).await,
+                Command::Tokens { action } => match action {
+                    TokensAction::Create {
+                        pool,
+                        ttl,
+                        uses,
+                        name_prefix,
+                        json,
+                    } => {
+                        let req = delegate_controlplane::tokens::CreateTokenRequest {
+                            pool: Some(pool),
+                            ttl: Some(ttl),
+                            uses: Some(uses),
+                            name_prefix,
+                        };
+                        delegate_controlplane::tokens::cli_create(&client, &req, json).await
+                    }
+                    TokensAction::List { json } => {
+                        delegate_controlplane::tokens::cli_list(&client, json).await
+                    }
+                    TokensAction::Revoke { id, json } => {
+                        delegate_controlplane::tokens::cli_revoke(&client, &id, json).await
+                    }
+                },
                 Command::Audit {
                     verify: true, json, ..
                 } => cli::audit_verify(&client, json).await,

@@ -36,6 +36,17 @@ impl std::fmt::Debug for Issued {
     }
 }
 
+/// A certificate issued for a key the requester keeps (see [`Ca::issue_agent_from_csr`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedForKey {
+    pub cert_pem: String,
+    /// Lower-case hex of the serial number, as [`serial_hex`] reads it back.
+    pub serial: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
 /// Validity window as whole UTC days relative to today (negative = in the past).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Validity {
@@ -138,6 +149,57 @@ impl Ca {
         self.sign(params)
     }
 
+    /// An agent client certificate for the key of a certificate signing request (PKCS#10 PEM;
+    /// its signature is checked, so the requester holds the key): CN = `name`, client-auth EKU,
+    /// a random serial, valid from `not_before` to `not_after` (Unix seconds). Nothing of the
+    /// request but its public key is used: not its subject, extensions or requested usages.
+    pub fn issue_agent_from_csr(
+        &self,
+        name: &str,
+        csr_pem: &str,
+        not_before: i64,
+        not_after: i64,
+    ) -> Result<IssuedForKey, PkiError> {
+        check_agent_name(name)?;
+        let invalid_csr = |reason: String| PkiError::Invalid {
+            what: "certificate signing request",
+            reason,
+        };
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| invalid_csr(e.to_string()))?;
+        let time = |secs: i64| {
+            x509_parser::time::ASN1Time::from_timestamp(secs)
+                .map(|t| t.to_datetime())
+                .map_err(|e| PkiError::Invalid {
+                    what: "validity",
+                    reason: format!("{secs}: {e}"),
+                })
+        };
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = dn(name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.not_before = time(not_before)?;
+        params.not_after = time(not_after)?;
+        // rcgen's default serial is a hash of the public key: a renewal with the same key would
+        // repeat it. Random, positive, never a leading zero byte.
+        let mut serial = [0u8; 16];
+        rand::Rng::fill(&mut rand::rngs::OsRng, &mut serial[..]);
+        serial[0] = (serial[0] & 0x7f) | 0x40;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        let cert = rcgen::CertificateSigningRequestParams {
+            params,
+            public_key: csr.public_key,
+        }
+        .signed_by(&self.cert, &self.key)?;
+        Ok(IssuedForKey {
+            cert_pem: cert.pem(),
+            serial: hex::encode(serial),
+            not_before,
+            not_after,
+        })
+    }
+
     fn sign(&self, params: CertificateParams) -> Result<Issued, PkiError> {
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.cert, &self.key)?;
@@ -193,6 +255,44 @@ pub fn common_name(der: &[u8]) -> Result<String, PkiError> {
         });
     }
     Ok(cn.to_string())
+}
+
+/// The common name a certificate signing request (PEM) asks for, if it names one: a default for
+/// the agent's name, never trusted for anything else.
+pub fn csr_common_name(csr_pem: &str) -> Result<Option<String>, PkiError> {
+    use x509_parser::prelude::FromDer;
+    let invalid = |reason: String| PkiError::Invalid {
+        what: "certificate signing request",
+        reason,
+    };
+    let (_, pem) = x509_parser::pem::parse_x509_pem(csr_pem.as_bytes())
+        .map_err(|e| invalid(format!("not PEM: {e}")))?;
+    if pem.label != "CERTIFICATE REQUEST" && pem.label != "NEW CERTIFICATE REQUEST" {
+        return Err(invalid(format!(
+            "PEM block is {:?}, not \"CERTIFICATE REQUEST\"",
+            pem.label
+        )));
+    }
+    let (_, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(&pem.contents)
+            .map_err(|e| invalid(e.to_string()))?;
+    let cn = csr
+        .certification_request_info
+        .subject
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string);
+    Ok(cn)
+}
+
+/// Lower-case hex of a DER certificate's serial number (its DER integer bytes).
+pub fn serial_hex(der: &[u8]) -> Result<String, PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Invalid {
+        what: "certificate",
+        reason: e.to_string(),
+    })?;
+    Ok(hex::encode(cert.raw_serial()))
 }
 
 fn dn(cn: &str) -> DistinguishedName {
@@ -277,6 +377,64 @@ mod tests {
             sans.contains("localhost") && sans.contains("cp.example"),
             "{sans}"
         );
+    }
+
+    #[test]
+    fn csr_gives_only_its_key() {
+        let ca = Ca::generate("test CA").unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut req = CertificateParams::new(vec!["evil.example".to_string()]).unwrap();
+        req.distinguished_name = dn("someone-else");
+        req.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let csr_pem = req.serialize_request(&key).unwrap().pem().unwrap();
+        let now = 1_700_000_000;
+        let a = ca
+            .issue_agent_from_csr("runner-1", &csr_pem, now - 300, now + 3600)
+            .unwrap();
+        let b = ca
+            .issue_agent_from_csr("runner-1", &csr_pem, now, now + 7200)
+            .unwrap();
+        assert_ne!(a.serial, b.serial, "same key, fresh serial");
+        let der = pem_to_der(&a.cert_pem);
+        assert_eq!(common_name(&der).unwrap(), "runner-1");
+        assert_eq!(serial_hex(&der).unwrap(), a.serial);
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert_eq!(cert.validity().not_before.timestamp(), now - 300);
+        assert_eq!(cert.validity().not_after.timestamp(), now + 3600);
+        assert!(!cert.is_ca());
+        assert!(cert.subject_alternative_name().unwrap().is_none());
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth && !eku.server_auth);
+        assert_eq!(cert.public_key().raw, key.public_key_der().as_slice());
+        let ca_der = pem_to_der(ca.cert_pem());
+        let (_, ca_cert) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
+        cert.verify_signature(Some(ca_cert.public_key())).unwrap();
+
+        assert_eq!(
+            csr_common_name(&csr_pem).unwrap().as_deref(),
+            Some("someone-else")
+        );
+        let mut anonymous = CertificateParams::new(Vec::<String>::new()).unwrap();
+        anonymous.distinguished_name = DistinguishedName::new();
+        let anonymous = anonymous.serialize_request(&key).unwrap().pem().unwrap();
+        assert_eq!(csr_common_name(&anonymous).unwrap(), None);
+        assert!(
+            csr_common_name(ca.cert_pem()).is_err(),
+            "a certificate is not a CSR"
+        );
+        assert!(csr_common_name("junk").is_err());
+        for bad in [
+            "",
+            "not a csr",
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+        ] {
+            assert!(ca
+                .issue_agent_from_csr("runner-1", bad, now, now + 60)
+                .is_err());
+        }
+        assert!(ca
+            .issue_agent_from_csr("../x", &csr_pem, now, now + 60)
+            .is_err());
     }
 
     #[test]

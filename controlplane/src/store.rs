@@ -161,6 +161,40 @@ const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE tasks ADD COLUMN lease_expired_at_ms INTEGER;
     "#,
+    // 5: enrollment: bootstrap tokens (hash only), agent identities (enrolled/revoked names),
+    // certificates issued by enrollment and renewal.
+    r#"
+    CREATE TABLE enroll_tokens (
+        id TEXT PRIMARY KEY,
+        hash TEXT NOT NULL UNIQUE,
+        pool TEXT NOT NULL,
+        name_prefix TEXT,
+        uses INTEGER NOT NULL,
+        used INTEGER NOT NULL DEFAULT 0,
+        created_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER NOT NULL,
+        revoked_at_ms INTEGER,
+        last_used_at_ms INTEGER
+    );
+    CREATE TABLE agent_identities (
+        name TEXT PRIMARY KEY,
+        pool TEXT,
+        enrollment TEXT,
+        token_id TEXT,
+        enrolled_at_ms INTEGER,
+        revoked_at_ms INTEGER,
+        revoked_reason TEXT
+    );
+    CREATE TABLE agent_certs (
+        serial TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        enrollment TEXT,
+        kind TEXT NOT NULL,
+        issued_at_ms INTEGER NOT NULL,
+        not_after_ms INTEGER NOT NULL
+    );
+    CREATE INDEX agent_certs_name ON agent_certs(name);
+    "#,
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
