@@ -128,6 +128,17 @@ pub fn valid_enroll_name(name: &str) -> bool {
     valid_lower_name(name, 63)
 }
 
+/// A pool an enrolled agent is bound to: what the agent accepts in the enrollment answer and
+/// writes into its `agent.toml`.
+pub fn valid_pool(pool: &str) -> bool {
+    let b = pool.as_bytes();
+    !b.is_empty()
+        && b.len() <= delegate_protocol::limits::MAX_NAME
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
+}
+
 /// A token's name prefix: like a name, at most 40 characters.
 pub fn valid_name_prefix(prefix: &str) -> bool {
     valid_lower_name(prefix, 40)
@@ -176,12 +187,9 @@ impl CreateTokenRequest {
             .pool
             .clone()
             .unwrap_or_else(|| default_pool.to_string());
-        if pool.is_empty()
-            || pool.len() > delegate_protocol::limits::MAX_NAME
-            || pool.chars().any(char::is_control)
-        {
+        if !valid_pool(&pool) {
             errors.push(format!(
-                "pool: {pool:?} must be 1..=256 bytes without control characters"
+                "pool: {pool:?} must be 1-256 characters from letters, digits, '.', '_', '-', starting with a letter or digit"
             ));
         }
         let ttl_text = self.ttl.as_deref().unwrap_or(DEFAULT_TTL);
@@ -560,6 +568,12 @@ mod tests {
             assert!(!valid_enroll_name(bad), "{bad}");
         }
         assert!(valid_name_prefix("pool-a-"));
+        for ok in ["default", "AirGap_1", "eu-west.1"] {
+            assert!(valid_pool(ok), "{ok}");
+        }
+        for bad in ["", "-x", "a b", "a/b", "x\n", &"p".repeat(257)] {
+            assert!(!valid_pool(bad), "{bad:?}");
+        }
         assert!(!valid_name_prefix(&"x".repeat(41)));
     }
 
