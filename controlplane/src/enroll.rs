@@ -34,6 +34,18 @@ pub const MAX_ENROLL_BODY: usize = 64 * 1024;
 /// Issued certificates start this much before now, for clock skew between hosts.
 pub const BACKDATE_SECS: i64 = 300;
 
+/// Renewals closer together than this are refused: an agent asks once per certificate life and
+/// retries no sooner than 30 s, so only a misbehaving peer hits it (and cannot flood the audit
+/// trail with signatures).
+pub const MIN_RENEWAL_INTERVAL_MS: i64 = 10_000;
+
+/// How long an agent whose last renewal was at `last_ms` must still wait at `now_ms` (None: it
+/// may renew now).
+pub fn renewal_wait_ms(last_ms: Option<i64>, now_ms: i64) -> Option<i64> {
+    let next = last_ms?.saturating_add(MIN_RENEWAL_INTERVAL_MS);
+    (now_ms < next).then(|| next - now_ms)
+}
+
 /// Errors issuing a certificate. `Store` may be retryable (database busy); the others need the
 /// operator (CA files) or the requester (bad CSR).
 #[derive(Debug, Error)]
@@ -441,6 +453,26 @@ pub fn renew(cp: &ControlPlane, agent: &str, csr_pem: &str) -> Result<Reply, Fau
         }
     }
     let now_ms = crate::now_ms();
+    match cp.store.last_renewal_ms(agent) {
+        Ok(last) => {
+            if let Some(wait) = renewal_wait_ms(last, now_ms) {
+                return Err(refused(
+                    ErrorCode::Unauthorized,
+                    format!(
+                        "agent {agent} renewed its certificate moments ago; ask again in {} s",
+                        (wait + 999) / 1000
+                    ),
+                ));
+            }
+        }
+        Err(e) => {
+            tracing::error!(agent, error = %e, "renewal: cannot read the last renewal");
+            return Err(fault(
+                ErrorCode::Internal,
+                "control plane storage error".into(),
+            ));
+        }
+    }
     let issued = match issue(&cp.dd, &cp.config, agent, csr_pem, now_ms) {
         Ok(i) => i,
         Err(EnrollError::Pki(e)) => {
@@ -531,6 +563,16 @@ mod tests {
             Err(NameRefusal::Invalid(shown)) => assert_eq!(shown.len(), 80),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn renewals_are_spaced() {
+        assert_eq!(renewal_wait_ms(None, 5), None);
+        assert_eq!(renewal_wait_ms(Some(1_000), 1_000), Some(10_000));
+        assert_eq!(renewal_wait_ms(Some(1_000), 10_999), Some(1));
+        assert_eq!(renewal_wait_ms(Some(1_000), 11_000), None);
+        // A clock that went backwards waits at most the interval plus the step back.
+        assert_eq!(renewal_wait_ms(Some(5_000), 4_000), Some(11_000));
     }
 
     #[test]

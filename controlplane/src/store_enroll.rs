@@ -314,6 +314,15 @@ impl Store {
         Ok(())
     }
 
+    /// When `name` last had a certificate renewed, if ever.
+    pub fn last_renewal_ms(&self, name: &str) -> Result<Option<i64>, StoreError> {
+        Ok(self.db().query_row(
+            "SELECT MAX(issued_at_ms) FROM agent_certs WHERE name = ?1 AND kind = 'renew'",
+            [name],
+            |r| r.get(0),
+        )?)
+    }
+
     /// Mark `name` revoked (creating its identity row if it was never enrolled). Returns the row
     /// before the change (its `revoked_at_ms` says whether it already was).
     pub fn revoke_identity(
@@ -456,7 +465,9 @@ mod tests {
             s.agent_cert("e1").unwrap().unwrap().enrollment.as_deref(),
             Some("e1")
         );
+        assert_eq!(s.last_renewal_ms("a1").unwrap(), None);
         s.record_renewal("a1", "r1", 50_000, 5_000).unwrap();
+        assert_eq!(s.last_renewal_ms("a1").unwrap(), Some(5_000));
         let r1 = s.agent_cert("r1").unwrap().unwrap();
         assert_eq!(
             (r1.kind.as_str(), r1.enrollment.as_deref()),

@@ -322,6 +322,31 @@ async fn enroll_connect_renew_revoke() {
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Renewals are spaced: with a renewal on record "just now" (dated ahead, so no clock can
+    // make it old), the request is refused and the link stays up.
+    let db = rusqlite::Connection::open(env.dd.db()).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    db.execute(
+        "INSERT INTO agent_certs (serial, name, kind, issued_at_ms, not_after_ms)
+         VALUES ('00', 'e1', 'renew', 9999999999999, 9999999999999)",
+        [],
+    )
+    .unwrap();
+    send(
+        &mut ws,
+        &Message::RenewRequest(RenewRequest {
+            csr_pem: key.csr(Some("admin")),
+        }),
+    )
+    .await;
+    match recv(&mut ws, true).await {
+        Some(Message::Error(e)) => assert!(e.message.contains("ask again"), "{}", e.message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    env.wait_audit(|r| r.action == "agent.renew_refused" && r.target == "e1")
+        .await;
+    db.execute("DELETE FROM agent_certs WHERE serial = '00'", [])
+        .unwrap();
     send(
         &mut ws,
         &Message::RenewRequest(RenewRequest {
