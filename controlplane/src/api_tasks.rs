@@ -66,6 +66,10 @@ pub struct TaskView {
     pub cancel_requested: bool,
     /// Why the last agent that was offered this task rejected it.
     pub last_reject: Option<String>,
+    /// Set while the task's agent is silent past its lease (the control plane waits for it up
+    /// to `lost_after_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_expired_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<Vec<EventView>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -161,6 +165,7 @@ pub fn task_view(cp: &ControlPlane, t: &TaskRow, detail: bool) -> Result<TaskVie
         approved_as: t.approved_as.map(|p| p.to_string()),
         cancel_requested: t.cancel_requested,
         last_reject: t.last_reject.clone(),
+        lease_expired_at: t.lease_expired_at_ms.map(crate::rfc3339),
         events,
         artifacts: detail.then(|| {
             artifacts

@@ -334,6 +334,12 @@ pub fn show_text(t: &TaskView) -> String {
     if let Some(r) = &t.last_reject {
         rows.push(vec!["last reject:".into(), r.clone()]);
     }
+    if let Some(at) = &t.lease_expired_at {
+        rows.push(vec![
+            "lease expired:".into(),
+            format!("{at} (agent silent; waiting for it to come back)"),
+        ]);
+    }
     let mut out = String::new();
     let w = rows.iter().map(|r| r[0].len()).max().unwrap_or(0);
     for r in &rows {

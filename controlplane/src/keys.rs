@@ -396,6 +396,7 @@ mod tests {
                 },
                 1,
             )
+            .unwrap()
             .unwrap();
         let path = blobs.file(&blob).unwrap();
         let mut bytes = std::fs::read(&path).unwrap();

@@ -216,59 +216,55 @@ impl ControlPlane {
         now_ms: i64,
     ) -> bool {
         let id = t.id.to_string();
-        let result = match action {
+        let changed = match action {
             LeaseAction::Keep => return false,
-            LeaseAction::Renew => self.store.set_lease_expired(t.id, None).map(|changed| {
-                if changed {
-                    self.audit(agent, "task.lease_renewed", &id, "agent reconnected");
-                }
-                changed
-            }),
-            LeaseAction::Requeue { reason } => self.store.requeue(t.id, reason).map(|changed| {
-                if changed {
-                    tracing::warn!(task = %t.id, agent, "task requeued: {reason}");
-                    self.audit("controlplane", "task.requeued", &id, reason);
-                }
-                changed
-            }),
-            LeaseAction::Expire { reason } => {
+            LeaseAction::Renew => self.store.set_lease_expired(t.id, None),
+            LeaseAction::Requeue { reason } => self.store.requeue(t.id, reason),
+            LeaseAction::Expire { .. } => self.store.set_lease_expired(t.id, Some(now_ms)),
+            LeaseAction::Lose { reason, .. } => {
                 self.store
-                    .set_lease_expired(t.id, Some(now_ms))
-                    .map(|changed| {
-                        if changed {
-                            tracing::warn!(task = %t.id, agent, "lease expired: {reason}");
-                            self.audit("controlplane", "task.lease_expired", &id, reason);
-                        }
-                        changed
-                    })
+                    .finish(t.id, Outcome::Lost, Some(reason), None, now_ms)
+            }
+        };
+        match changed {
+            Ok(true) => {}
+            Ok(false) => return false,
+            Err(e) => {
+                tracing::error!(task = %t.id, error = %e, "lease check: cannot update the task");
+                return false;
+            }
+        }
+        match action {
+            LeaseAction::Keep => {}
+            LeaseAction::Renew => {
+                self.audit(agent, "task.lease_renewed", &id, "agent reconnected");
+            }
+            LeaseAction::Requeue { reason } => {
+                tracing::warn!(task = %t.id, agent, "task requeued: {reason}");
+                self.audit("controlplane", "task.requeued", &id, reason);
+            }
+            LeaseAction::Expire { reason } => {
+                tracing::warn!(task = %t.id, agent, "lease expired: {reason}");
+                self.audit("controlplane", "task.lease_expired", &id, reason);
             }
             LeaseAction::Lose {
                 reason,
                 release_locks,
-            } => self
-                .store
-                .finish(t.id, Outcome::Lost, Some(reason), None, now_ms)
-                .map(|changed| {
-                    if changed {
-                        tracing::warn!(task = %t.id, agent, "task lost: {reason}");
-                        self.audit(
-                            "controlplane",
-                            "task.finished",
-                            &id,
-                            &format!("lost: {reason}"),
-                        );
-                        hub.forget_task(Some(agent), t.id, false);
-                        if *release_locks {
-                            self.release_locks_of(t.id);
-                        }
-                    }
-                    changed
-                }),
-        };
-        result.unwrap_or_else(|e| {
-            tracing::error!(task = %t.id, error = %e, "lease check: cannot update the task");
-            false
-        })
+            } => {
+                tracing::warn!(task = %t.id, agent, "task lost: {reason}");
+                self.audit(
+                    "controlplane",
+                    "task.finished",
+                    &id,
+                    &format!("lost: {reason}"),
+                );
+                hub.forget_task(Some(agent), t.id, false);
+                if *release_locks {
+                    self.release_locks_of(t.id);
+                }
+            }
+        }
+        true
     }
 }
 
