@@ -157,13 +157,10 @@ impl ControlPlane {
         if held.is_empty() {
             return Vec::new();
         }
-        let last_heartbeat: HashMap<String, i64> = match self.store.agents() {
-            Ok(agents) => agents
-                .into_iter()
-                .map(|a| (a.name, a.last_heartbeat_ms.unwrap_or(0)))
-                .collect(),
+        let last_seen = match self.last_seen() {
+            Ok(m) => m,
             Err(e) => {
-                tracing::error!(error = %e, "lease check: cannot list agents");
+                tracing::error!(error = %e, "lease check: cannot read agent liveness");
                 return Vec::new();
             }
         };
@@ -182,7 +179,7 @@ impl ControlPlane {
                 auto_approve: t.inputs.auto_approve,
                 state: t.state,
                 connected: hub.agents.contains_key(agent),
-                last_seen_ms: last_heartbeat
+                last_seen_ms: last_seen
                     .get(agent)
                     .copied()
                     .unwrap_or(0)
@@ -204,6 +201,22 @@ impl ControlPlane {
             self.request_dispatch();
         }
         done
+    }
+
+    /// When each agent was last heard from: its last heartbeat or the end of its last
+    /// connection, whichever is later (a busy agent's link carried frames until it dropped).
+    fn last_seen(&self) -> Result<HashMap<String, i64>, crate::store::StoreError> {
+        let db = self.store.db();
+        let rows = db
+            .prepare(
+                "SELECT a.name, MAX(COALESCE(a.last_heartbeat_ms, 0),
+                        COALESCE((SELECT MAX(c.disconnected_at_ms) FROM connections c
+                                  WHERE c.agent = a.name), 0))
+                 FROM agents a",
+            )?
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+            .collect::<Result<HashMap<_, _>, _>>()?;
+        Ok(rows)
     }
 
     /// Returns whether the action changed anything.
@@ -447,8 +460,9 @@ mod tests {
                 peer: "p",
             };
             let conn = cp.store.agent_connected(&hello, 1_000).unwrap();
+            // Connected (a heartbeat) at 1000; the link dropped at 1500.
             cp.store
-                .agent_disconnected("a1", conn, "gone", false, 2_000)
+                .agent_disconnected("a1", conn, "gone", false, 1_500)
                 .unwrap();
             let assigned = task(&cp, 1, Op::Validate, false);
             let plan = task(&cp, 2, Op::Plan, true);
@@ -460,9 +474,10 @@ mod tests {
                     .unwrap();
             }
 
-            // Within the lease (three 5 s heartbeats from the last heartbeat at 1000): nothing.
-            assert!(cp.check_leases(16_000).is_empty());
-            let first = cp.check_leases(16_001);
+            // Within the lease (three 5 s heartbeats from the last sign of life, the end of the
+            // link at 1500): nothing.
+            assert!(cp.check_leases(16_500).is_empty());
+            let first = cp.check_leases(16_501);
             assert_eq!(first.len(), 3, "{first:?}");
             let t = cp.store.task(assigned).unwrap().unwrap();
             assert_eq!(t.state, TaskState::Queued);
@@ -471,13 +486,14 @@ mod tests {
             for id in [plan, apply] {
                 let t = cp.store.task(id).unwrap().unwrap();
                 assert_eq!(t.state, TaskState::Running, "still waiting for the agent");
-                assert_eq!(t.lease_expired_at_ms, Some(16_001));
+                assert_eq!(t.lease_expired_at_ms, Some(16_501));
                 assert!(audit_actions(&cp, id).contains(&"task.lease_expired".to_string()));
             }
             // Marked once only.
             assert!(cp.check_leases(300_000).is_empty());
 
-            let second = cp.check_leases(601_001);
+            assert!(cp.check_leases(601_500).is_empty());
+            let second = cp.check_leases(601_501);
             assert_eq!(second.len(), 2, "{second:?}");
             let p = cp.store.task(plan).unwrap().unwrap();
             assert_eq!(p.outcome, Some(Outcome::Lost));
