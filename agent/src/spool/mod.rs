@@ -49,8 +49,14 @@
 //!
 //! Known limits: frames are also held in memory until acknowledged (the outbox), so memory use
 //! follows the spool's size; a whole segment, or a whole task's acknowledged tail of 64 KiB, may
-//! stay on disk until the next ack; rolling a whole file back to an older authentic version is
-//! not detected (see delegate-crypto).
+//! stay on disk until the next ack. Cutting a task's newest segment exactly at a record boundary
+//! (dropping its last records), or rolling a file back to an older authentic version, cannot be
+//! told from records never written: the format has no outside reference to compare with (see
+//! delegate-crypto). What such a cut can hide is bounded: journal records are fsynced, so the
+//! execution journal never goes back past a step the sandbox acted on, and records the control
+//! plane already acknowledged come back in its resume point (the agent then numbers on from
+//! there, [`TaskSpool::reset_at`]). Frames are not fsynced: after a power loss the last ones may
+//! be missing or torn (a torn one makes the task `lost`).
 
 pub mod journal;
 pub mod keys;
@@ -279,12 +285,16 @@ fn segment_name(first_seq: u64) -> String {
     format!("{first_seq:020}{SEGMENT_SUFFIX}")
 }
 
-/// The first seq of a segment file name, if it is one.
+/// Highest seq a spool accepts (far beyond any task; keeps the arithmetic away from overflow).
+pub const MAX_SEQ: u64 = 1 << 62;
+
+/// The first seq of a segment file name, if it is one (seqs start at 1).
 pub fn parse_segment_name(name: &str) -> Option<u64> {
     let digits = name.strip_suffix(SEGMENT_SUFFIX)?;
     (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
         .then(|| digits.parse().ok())
         .flatten()
+        .filter(|n| (1..=MAX_SEQ).contains(n))
 }
 
 fn now_ms() -> u128 {
@@ -517,61 +527,7 @@ fn read_task(ring: &KeyRing, task: Uuid, dir: &Path) -> Result<Option<ReadTask>,
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| d.as_millis() as u64);
         out.last_write_ms = out.last_write_ms.max(modified);
-        for part in record::split_records(&bytes) {
-            let (offset, sealed) = part.map_err(|e| integrity(e.to_string()))?;
-            let plain = Zeroizing::new(delegate_crypto::open(ring, sealed).map_err(|e| {
-                integrity(format!(
-                    "record at byte {offset}: {}",
-                    e.integrity_failure()
-                        .map(|f| f.to_string())
-                        .unwrap_or_else(|| e.to_string())
-                ))
-            })?);
-            let (owner, body) = record::decode_plain(&plain)
-                .map_err(|e| integrity(format!("record at byte {offset}: {e}")))?;
-            if owner != task {
-                return Err(integrity(format!(
-                    "record at byte {offset} belongs to task {owner}"
-                )));
-            }
-            match body {
-                RecordBody::Frame { seq, frame, done } => {
-                    if seq != expected {
-                        return Err(integrity(format!(
-                            "record at byte {offset} has seq {seq}, expected {expected}"
-                        )));
-                    }
-                    if out.done_seq.is_some() {
-                        return Err(integrity(format!(
-                            "record at byte {offset} follows the task's done"
-                        )));
-                    }
-                    if done {
-                        out.done_seq = Some(seq);
-                    }
-                    out.frames.push((seq, frame));
-                    expected += 1;
-                }
-                RecordBody::Journal { after_seq, json } => {
-                    if after_seq + 1 != expected {
-                        return Err(integrity(format!(
-                            "journal at byte {offset} claims to follow seq {after_seq}, expected {}",
-                            expected - 1
-                        )));
-                    }
-                    let j = TaskJournal::from_json(&json)
-                        .map_err(|e| integrity(format!("journal at byte {offset}: {e}")))?;
-                    if j.spec.task_id != task {
-                        return Err(integrity(format!(
-                            "journal at byte {offset} is for task {}",
-                            j.spec.task_id
-                        )));
-                    }
-                    out.journal = Some(j);
-                    out.journal_json = Some(json);
-                }
-            }
-        }
+        read_segment(ring, task, &path, &bytes, &mut expected, &mut out)?;
         out.segments.push(Segment {
             first_seq: first,
             last_seq: expected - 1,
@@ -584,6 +540,119 @@ fn read_task(ring: &KeyRing, task: Uuid, dir: &Path) -> Result<Option<ReadTask>,
         j.last_spooled_ms = out.last_write_ms;
     }
     Ok(Some(out))
+}
+
+/// What a task's segments held, as read so far.
+#[derive(Debug, Default)]
+pub struct SegmentContents {
+    pub frames: Vec<(u64, WireFrame)>,
+    pub done_seq: Option<u64>,
+    pub journal: Option<TaskJournal>,
+}
+
+/// Verify one segment's bytes as the segment of `task` starting at seq `first_seq`: every record
+/// authentic, of this task, in seq order. Pure (no I/O); `path` only names the file in errors.
+/// Used by the loader and by the fuzz target.
+pub fn check_segment(
+    ring: &KeyRing,
+    task: Uuid,
+    path: &Path,
+    first_seq: u64,
+    bytes: &[u8],
+) -> Result<SegmentContents, SpoolError> {
+    let mut expected = first_seq.clamp(1, MAX_SEQ);
+    let mut out = ReadTask {
+        segments: Vec::new(),
+        frames: Vec::new(),
+        last_seq: 0,
+        acked: 0,
+        done_seq: None,
+        journal: None,
+        journal_json: None,
+        last_write_ms: None,
+    };
+    read_segment(ring, task, path, bytes, &mut expected, &mut out)?;
+    Ok(SegmentContents {
+        frames: out.frames,
+        done_seq: out.done_seq,
+        journal: out.journal,
+    })
+}
+
+/// Read the records of one segment into `out`; `expected` is the next frame seq.
+fn read_segment(
+    ring: &KeyRing,
+    task: Uuid,
+    path: &Path,
+    bytes: &[u8],
+    expected: &mut u64,
+    out: &mut ReadTask,
+) -> Result<(), SpoolError> {
+    let integrity = |detail: String| SpoolError::Integrity {
+        path: path.to_path_buf(),
+        detail,
+    };
+    for part in record::split_records(bytes) {
+        let (offset, sealed) = part.map_err(|e| integrity(e.to_string()))?;
+        let plain = Zeroizing::new(delegate_crypto::open(ring, sealed).map_err(|e| {
+            integrity(format!(
+                "record at byte {offset}: {}",
+                e.integrity_failure()
+                    .map(|f| f.to_string())
+                    .unwrap_or_else(|| e.to_string())
+            ))
+        })?);
+        let (owner, body) = record::decode_plain(&plain)
+            .map_err(|e| integrity(format!("record at byte {offset}: {e}")))?;
+        if owner != task {
+            return Err(integrity(format!(
+                "record at byte {offset} belongs to task {owner}"
+            )));
+        }
+        match body {
+            RecordBody::Frame { seq, frame, done } => {
+                if seq != *expected {
+                    return Err(integrity(format!(
+                        "record at byte {offset} has seq {seq}, expected {expected}"
+                    )));
+                }
+                if out.done_seq.is_some() {
+                    return Err(integrity(format!(
+                        "record at byte {offset} follows the task's done"
+                    )));
+                }
+                if seq >= MAX_SEQ {
+                    return Err(integrity(format!(
+                        "record at byte {offset} has seq {seq}, beyond any task"
+                    )));
+                }
+                if done {
+                    out.done_seq = Some(seq);
+                }
+                out.frames.push((seq, frame));
+                *expected = seq + 1;
+            }
+            RecordBody::Journal { after_seq, json } => {
+                if after_seq.checked_add(1) != Some(*expected) {
+                    return Err(integrity(format!(
+                        "journal at byte {offset} claims to follow seq {after_seq}, expected {}",
+                        *expected - 1
+                    )));
+                }
+                let j = TaskJournal::from_json(&json)
+                    .map_err(|e| integrity(format!("journal at byte {offset}: {e}")))?;
+                if j.spec.task_id != task {
+                    return Err(integrity(format!(
+                        "journal at byte {offset} is for task {}",
+                        j.spec.task_id
+                    )));
+                }
+                out.journal = Some(j);
+                out.journal_json = Some(json);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The spool of one task: where its records go, and their compaction.

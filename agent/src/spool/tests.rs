@@ -578,3 +578,45 @@ fn max_bytes_setting_parses_sizes_and_refuses_tiny_bounds() {
         DEFAULT_SEGMENT_BYTES
     );
 }
+
+#[test]
+fn segment_names_outside_the_seq_range_are_not_segments() {
+    assert_eq!(parse_segment_name("00000000000000000001.seg"), Some(1));
+    assert_eq!(parse_segment_name("00000000000000000000.seg"), None);
+    assert_eq!(parse_segment_name("18446744073709551615.seg"), None);
+    assert_eq!(parse_segment_name("1.seg"), None);
+    assert_eq!(parse_segment_name("0000000000000000000x.seg"), None);
+    // Such a file in a task directory is reported, never a panic.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp
+        .path()
+        .join("spool")
+        .join(Uuid::from_u128(20).to_string());
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("00000000000000000000.seg"), b"").unwrap();
+    let (_s, loaded) = open(tmp.path());
+    assert!(loaded[0]
+        .broken
+        .as_deref()
+        .unwrap()
+        .contains("unexpected file"));
+}
+
+#[test]
+fn check_segment_reads_what_append_wrote() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (spool, _) = open(tmp.path());
+    let id = Uuid::from_u128(21);
+    let mut t = spool.task(id);
+    t.append(&[journal_record(id, 0, StepState::Started)], false)
+        .unwrap();
+    t.append(&[frame(1), done(2)], false).unwrap();
+    let path = t.segment_paths()[0].clone();
+    let bytes = fs::read(&path).unwrap();
+    let c = check_segment(&ring(), id, &path, 1, &bytes).unwrap();
+    assert_eq!(c.frames.len(), 2);
+    assert_eq!(c.done_seq, Some(2));
+    assert!(c.journal.is_some());
+    assert!(check_segment(&ring(), Uuid::from_u128(22), &path, 1, &bytes).is_err());
+    assert!(check_segment(&ring(), id, &path, 5, &bytes).is_err());
+}
