@@ -61,13 +61,14 @@ pub struct Spooled {
 }
 
 impl Spooled {
-    /// Tasks whose Docker objects must survive the start-up cleanup: every task the spool holds
-    /// that has not reported its end (running ones are resumed; a damaged one's containers are
-    /// left to finish rather than killed mid-apply, and go at the next start).
+    /// Tasks whose Docker objects must survive the start-up cleanup: those that will be resumed
+    /// (a journal, no `done` yet, spool intact). The objects of every other task are orphans: a
+    /// task whose spool is damaged ends `lost` and cannot be followed (its state backend
+    /// credentials are unreadable), so its containers go too.
     pub fn live_tasks(&self) -> Vec<uuid::Uuid> {
         self.loaded
             .iter()
-            .filter(|t| t.done_seq.is_none())
+            .filter(|t| t.done_seq.is_none() && t.broken.is_none() && t.journal.is_some())
             .map(|t| t.task)
             .collect()
     }
