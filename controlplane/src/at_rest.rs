@@ -12,9 +12,11 @@
 //! # Layout and choices
 //!
 //! * **Keys**: `DIR/keys/<id>.key` (32 random bytes, 0600, directory 0700) and `DIR/keys/current`
-//!   naming the key new data is sealed under; created by `init` (or at first start when no key
-//!   exists at all). `DELEGATE_CP_KEY` (64 hex, or `<id>:<64 hex>`; read by `main`/`serve` only)
-//!   adds a key held outside the data directory; it is current when there is no `current` file.
+//!   naming the key new data is sealed under. `init` generates one key file (without `current`:
+//!   a lone key file is current); the first start generates one if there is no key at all.
+//!   `DELEGATE_CP_KEY` (64 hex, or `<id>:<64 hex>`; read by `main`/`serve` only) adds a key held
+//!   outside the data directory; it is current when there is no `current` file. `keys rotate`
+//!   writes `current`.
 //!   Every sealed value carries its key id in its header, so `keys rotate` (a new current key)
 //!   leaves old data readable and `keys reseal` re-encrypts it under the current key.
 //! * **Blob files** (archives, plans, plan JSON, state versions): one sealed stream per file,
