@@ -12,21 +12,21 @@
 //! - `redact`: the streaming secret redactor over every byte a sandbox emits.
 //! - `spool`: the encrypted on-disk spool of everything sent about a task, and the task journal.
 
-pub mod task_io;
 pub mod config;
 pub mod daemon;
-pub mod link;
-pub mod sandbox;
-pub mod tasks;
-pub mod tls;
+pub mod doctor;
 pub mod egress;
-pub mod redact;
-pub mod spool;
-pub mod notify;
-pub mod renew;
+pub mod enroll;
+pub mod link;
 pub mod metrics;
 pub mod mirror;
+pub mod notify;
+pub mod redact;
 pub mod reload;
+pub mod renew;
+pub mod sandbox;
 pub mod service;
-pub mod doctor;
-pub mod enroll;
+pub mod spool;
+pub mod task_io;
+pub mod tasks;
+pub mod tls;

@@ -274,16 +274,14 @@ fn keys_command(command: KeysCommand) -> ExitCode {
         },
         KeysCommand::Reseal { .. } => {
             let env_key = spool_env_key();
-            let ring = match keys::load_existing(
-                &cfg.data_dir,
-                env_key.as_deref().map(String::as_str),
-            ) {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("delegate: {e}");
-                    return ExitCode::from(2);
-                }
-            };
+            let ring =
+                match keys::load_existing(&cfg.data_dir, env_key.as_deref().map(String::as_str)) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        eprintln!("delegate: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
             match keys::reseal(&cfg.data_dir, &ring) {
                 Ok(r) => {
                     println!(

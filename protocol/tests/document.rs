@@ -28,7 +28,11 @@ fn examples() -> Vec<String> {
 #[test]
 fn every_example_round_trips() {
     let examples = examples();
-    assert!(examples.len() >= 14, "found only {} examples", examples.len());
+    assert!(
+        examples.len() >= 14,
+        "found only {} examples",
+        examples.len()
+    );
     let mut seen = BTreeSet::new();
     for ex in &examples {
         let msg = decode_text(ex).unwrap_or_else(|e| panic!("example does not decode: {e}\n{ex}"));

@@ -789,7 +789,9 @@ impl Inner {
             volume: &volume,
             cache_volume: cache_volume.as_deref(),
             timeout: stop.timeout,
-            backend: backend_env.as_ref().zip(_server.as_ref().map(|s| s.addr().port())),
+            backend: backend_env
+                .as_ref()
+                .zip(_server.as_ref().map(|s| s.addr().port())),
             steps: &steps,
         });
         journal.save(out).await?;
