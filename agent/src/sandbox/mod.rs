@@ -17,7 +17,8 @@
 //!
 //! Submodules: [`archive`] (archive rules, pure), [`steps`] (command lines, env, plan JSON, pure),
 //! [`logs`] (redaction and line splitting, pure), [`backend`] (http state backend), [`image`]
-//! (pull policy, image build), [`docker`] (container configuration and step runner).
+//! (pull policy, image build), [`docker`] (container configuration and step runner),
+//! [`recover`] (the step journal, and finishing a task after an agent restart).
 
 pub mod archive;
 pub mod backend;
