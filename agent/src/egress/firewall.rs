@@ -429,6 +429,18 @@ pub async fn detect() -> Option<Backend> {
     None
 }
 
+/// Whether this process may change the firewall with `backend` (a harmless listing): fails with
+/// [`FirewallError::NotPermitted`] without root or `CAP_NET_ADMIN`, [`FirewallError::Missing`]
+/// without the tool.
+pub async fn check(backend: Backend) -> Result<(), FirewallError> {
+    let (tool, args): (&'static str, &[&str]) = match backend {
+        Backend::Nft => ("nft", &["list", "tables"]),
+        Backend::Iptables => ("iptables", &["-w", "-n", "-L", "INPUT"]),
+    };
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    run(tool, &args, None).await
+}
+
 /// Install the rules (replacing this bridge's rules if present).
 pub async fn apply(backend: Backend, iso: &Isolation) -> Result<(), FirewallError> {
     iso.validate()?;

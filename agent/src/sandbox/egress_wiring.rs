@@ -180,17 +180,18 @@ impl EgressError {
     }
 }
 
-/// The firewall backend for `mode`: `None` when rules are off.
+/// The firewall backend for `mode`, checked usable (the tool is there and this process may
+/// change the firewall): `None` when rules are off. Called once when the sandbox starts, so a
+/// missing capability is a start-up error, not a failure of every task.
 pub async fn firewall_backend(mode: FirewallMode) -> Result<Option<Backend>, EgressError> {
-    match mode {
-        FirewallMode::Off => Ok(None),
-        FirewallMode::Nft => Ok(Some(Backend::Nft)),
-        FirewallMode::Iptables => Ok(Some(Backend::Iptables)),
-        FirewallMode::Auto => firewall::detect()
-            .await
-            .map(Some)
-            .ok_or(EgressError::NoFirewall),
-    }
+    let backend = match mode {
+        FirewallMode::Off => return Ok(None),
+        FirewallMode::Nft => Backend::Nft,
+        FirewallMode::Iptables => Backend::Iptables,
+        FirewallMode::Auto => firewall::detect().await.ok_or(EgressError::NoFirewall)?,
+    };
+    firewall::check(backend).await?;
+    Ok(Some(backend))
 }
 
 /// The bridge interface name of a task network: `dlg` + 12 hex digits of the task id (15
