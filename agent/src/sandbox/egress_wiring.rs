@@ -766,6 +766,95 @@ mod tests {
         );
     }
 
+    /// CONNECT through a task's proxy; the status line.
+    async fn connect_status(egress: &TaskEgress, target: SocketAddr) -> String {
+        use base64::Engine;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let creds = egress
+            .env
+            .iter()
+            .find_map(|e| e.strip_prefix("HTTP_PROXY=http://"))
+            .and_then(|s| s.split_once('@'))
+            .map(|(c, _)| c.to_string())
+            .unwrap();
+        let auth = base64::engine::general_purpose::STANDARD.encode(creds);
+        let mut c = tokio::net::TcpStream::connect(egress.proxy_addr())
+            .await
+            .unwrap();
+        c.write_all(
+            format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic {auth}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut buf = vec![0u8; 256];
+        let n = c.read(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    }
+
+    fn loopback_plan(task: u128, operator: Arc<Policy>) -> EgressPlan<'static> {
+        EgressPlan {
+            task: Uuid::from_u128(task),
+            operator,
+            requested: &[],
+            gateway: IpAddr::from([127, 0, 0, 1]),
+            subnet: None,
+            bridge: "unused",
+            backend_port: None,
+            protected: vec![],
+        }
+    }
+
+    /// A reload (SIGHUP) swaps the operator policy for tasks started afterwards; a running task
+    /// keeps the policy it started with.
+    #[tokio::test]
+    async fn a_running_task_keeps_its_policy_across_a_reload() {
+        let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = upstream.local_addr().unwrap();
+        tokio::spawn(async move { while upstream.accept().await.is_ok() {} });
+        let handle = EgressPolicy::new(Policy::parse(&strings(&["127.0.0.1/32"]), &[]).unwrap());
+        let settings = EgressSettings {
+            policy: handle.clone(),
+            ..EgressSettings::default()
+        };
+        let (out, _rx) = mpsc::channel(64);
+        let running = TaskEgress::start(
+            loopback_plan(1, settings.policy.current()),
+            &settings,
+            None,
+            out.clone(),
+            vec![],
+        )
+        .await
+        .unwrap();
+        assert!(connect_status(&running, target).await.contains(" 200 "));
+
+        handle.replace(Policy::default());
+        let later = TaskEgress::start(
+            loopback_plan(2, settings.policy.current()),
+            &settings,
+            None,
+            out,
+            vec![],
+        )
+        .await
+        .unwrap();
+        assert!(
+            connect_status(&running, target).await.contains(" 200 "),
+            "the running task keeps its grant"
+        );
+        assert!(
+            connect_status(&later, target).await.contains(" 403 "),
+            "a task started after the reload gets the new policy"
+        );
+        running.finish().await;
+        later.finish().await;
+    }
+
     /// The whole per-task path on loopback: narrowed policy, credentials in the environment, a
     /// denial turned into an event and a log line, and the last records delivered by `finish`.
     #[tokio::test]
