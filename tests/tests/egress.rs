@@ -458,6 +458,41 @@ fn egress_events(shown: &Value) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// The control plane's audit records of a task's egress decisions (`delegate-cp audit --task`).
+fn egress_audit(f: &Fleet, task: &str) -> Vec<Value> {
+    match f.cp.cli_json(&["audit", "--task", task, "--json"]) {
+        Value::Array(a) => a
+            .into_iter()
+            .filter(|r| {
+                r["action"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("egress."))
+            })
+            .collect(),
+        other => panic!("audit --json is not an array: {other}"),
+    }
+}
+
+/// Every egress event of a task is one audit record naming its destination and outcome.
+fn audited_like_events(f: &Fleet, task: &str, events: &[Value]) {
+    let audit = egress_audit(f, task);
+    assert_eq!(audit.len(), events.len(), "{audit:#?}\n{events:#?}");
+    for e in events {
+        let action = if e["allowed"] == true {
+            "egress.allowed"
+        } else {
+            "egress.denied"
+        };
+        let dest = format!("destination {} ", e["destination"].as_str().unwrap());
+        assert!(
+            audit.iter().any(|r| r["action"] == action
+                && r["target"] == task
+                && r["detail"].as_str().is_some_and(|d| d.contains(&dest))),
+            "no {action} audit record for {dest}: {audit:#?}"
+        );
+    }
+}
+
 /// The one event for `destination` whose detail contains `needle`.
 fn event<'a>(events: &'a [Value], destination: &str, needle: &str) -> &'a Value {
     events
@@ -672,9 +707,11 @@ async fn a_sandbox_reaches_only_what_is_allowed_and_every_decision_is_audited() 
     let seen = s.upstream.seen.lock().unwrap().http.clone();
     assert_eq!(seen, ["GET /hello HTTP/1.1"]);
 
-    // Every denial is an event.
+    // Every decision is an event, and each event an audit record of the control plane.
     let denials = events.iter().filter(|e| e["allowed"] == false).count();
     assert_eq!(denials, 11, "{events:#?}");
+    assert_eq!(events.len(), 13, "{events:#?}");
+    audited_like_events(f, &id, &events);
 
     s.upstream.stop();
     no_leftovers(f).await;
@@ -736,6 +773,7 @@ async fn a_task_cannot_use_another_tasks_credentials_or_proxy() {
     // sandbox may not reach: the host firewall resets it, and the attempt is audited.
     assert!(probe(&logs, "other_proxy").contains("refused"), "{logs}");
     denied(&events, proxy, "rejected by the host firewall", &logs);
+    audited_like_events(f, &thief, &events);
     assert!(s.upstream.seen.lock().unwrap().http.is_empty());
 
     let out = f.cp.cli(&["cancel", &leaker]);
@@ -792,5 +830,6 @@ async fn a_refused_provider_download_says_why_in_the_task_log() {
         logs.contains(&format!("delegate: egress denied: {dest}")),
         "{logs}"
     );
+    audited_like_events(&f, &id, &events);
     no_leftovers(&f).await;
 }
