@@ -13,6 +13,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use delegate_agent::config::{self, Config, LogFormat};
 use delegate_agent::daemon::{Agent, SandboxExecutor};
+use delegate_agent::reload::EgressHook;
+use delegate_agent::sandbox::egress_wiring::EgressPolicy;
+use delegate_agent::sandbox::SandboxSettings;
 use delegate_agent::service::{self, Control, Ended, ServiceParts};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -400,8 +403,10 @@ async fn run_agent(cfg: Config) -> anyhow::Result<ExitCode> {
             Err(e) => return Err(e.into()),
         }
     };
+    // The sandbox and the SIGHUP reload share one egress policy handle.
+    let (sandbox_settings, egress_hook) = sandbox_settings_with_egress_hook(&cfg);
     let executor = SandboxExecutor::start(
-        cfg.sandbox_settings(),
+        sandbox_settings,
         cfg.agent.name.clone(),
         spooled.live_tasks(),
         DOCKER_FIRST_WAIT,
@@ -416,7 +421,8 @@ async fn run_agent(cfg: Config) -> anyhow::Result<ExitCode> {
         }
         Err(e) => return Err(e.into()),
     };
-    let mut reloader = delegate_agent::reload::Reloader::new(cfg.clone(), agent.tls());
+    let mut reloader = delegate_agent::reload::Reloader::new(cfg.clone(), agent.tls())
+        .with_egress_hook(egress_hook);
     if let Some(hook) = log_level {
         reloader = reloader.with_log_level_hook(hook);
     }
@@ -454,6 +460,26 @@ async fn run_agent(cfg: Config) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The sandbox's settings, and the SIGHUP hook that replaces the egress policy (`allow`/`deny`)
+/// those settings carry: both hold the same [`EgressPolicy`] handle, so tasks the sandbox starts
+/// after a reload get the new rules (running tasks keep the policy they started with).
+fn sandbox_settings_with_egress_hook(cfg: &Config) -> (SandboxSettings, EgressHook) {
+    let settings = cfg.sandbox_settings();
+    let policy: EgressPolicy = settings.egress.policy.clone();
+    let hook: EgressHook = std::sync::Arc::new(move |egress: &config::EgressConfig| {
+        // Already parsed and validated with the rest of the file (a bad rule refuses the reload).
+        policy.replace(egress.policy.clone());
+        let now = policy.current();
+        info!(
+            allow = now.allow.len(),
+            deny = now.deny.len(),
+            "egress policy replaced; tasks started from now on use it"
+        );
+        Ok(())
+    });
+    (settings, hook)
+}
+
 /// Set up the agent's own log; returns the hook that changes its level (SIGHUP).
 fn init_tracing(
     level: config::LogLevel,
@@ -478,4 +504,41 @@ fn init_tracing(
             .modify(|f| *f = tracing_subscriber::EnvFilter::new(level.as_str()))
             .map_err(|e| e.to_string())
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(dir: &std::path::Path, allow: &str) -> Config {
+        let text = format!(
+            "data_dir = \"data\"\n[control_plane]\nurl = \"wss://127.0.0.1:8443/v1/agent\"\n\
+             ca_file = \"ca.pem\"\ncert_file = \"agent.pem\"\nkey_file = \"agent.key\"\n\
+             [agent]\nname = \"runner-1\"\n[egress]\nallow = [{allow}]\n"
+        );
+        config::load_str(
+            &text,
+            &dir.join("agent.toml"),
+            dir,
+            Some(Default::default()),
+        )
+        .unwrap()
+    }
+
+    /// The hook the binary installs changes the policy of the very settings the sandbox is
+    /// started with, not a copy.
+    #[test]
+    fn the_egress_hook_replaces_the_sandbox_settings_policy() {
+        let dir = std::path::Path::new("/etc/delegate");
+        let old = load(dir, "\"a.example:443\"");
+        let new = load(dir, "\"b.example:443\", \"10.0.0.0/8\"");
+        let (settings, hook) = sandbox_settings_with_egress_hook(&old);
+        // The sandbox clones its settings (e.g. on every start attempt); clones share the handle.
+        let sandbox_copy = settings.clone();
+        assert_eq!(*sandbox_copy.egress.policy.current(), old.egress.policy);
+        hook(&new.egress).unwrap();
+        assert_eq!(*sandbox_copy.egress.policy.current(), new.egress.policy);
+        assert_eq!(sandbox_copy.egress.policy.current().allow.len(), 2);
+        assert_ne!(old.egress.policy, new.egress.policy);
+    }
 }

@@ -1,6 +1,8 @@
 //! SIGHUP: re-read the configuration file and apply what can change without dropping the
 //! connection or any task: the client certificate, key and CA (used by the next connection), the
-//! log level, and the egress policy (through a hook the egress side installs).
+//! log level, and the egress policy's `allow`/`deny` rules (through a hook the binary installs over
+//! the sandbox's policy handle; tasks started afterwards get the new rules, running ones keep
+//! theirs). The other `[egress]` keys (`hosts`, `max_connections`, `firewall`) need a restart.
 //!
 //! Owns the decision of what a new configuration changes ([`plan`], pure) and applying it
 //! ([`Reloader::reload`]). Everything else that changed is reported as needing a restart; nothing
@@ -25,7 +27,8 @@ pub enum ReloadError {
 
 /// Applies a new log level; installed by the binary over its tracing subscriber.
 pub type LogLevelHook = Arc<dyn Fn(LogLevel) -> Result<(), String> + Send + Sync>;
-/// Applies a new egress policy; installed by the egress side. Returns an error to keep the old one.
+/// Applies a new egress policy (`allow`/`deny`, parsed in [`EgressConfig::policy`]); installed by
+/// the binary over the sandbox's policy handle. Returns an error to keep the old one.
 pub type EgressHook = Arc<dyn Fn(&EgressConfig) -> Result<(), String> + Send + Sync>;
 
 /// What a new configuration changes.
@@ -34,6 +37,7 @@ pub struct ReloadPlan {
     /// Re-read the certificate files (always: their content may have changed on disk).
     pub certificates: bool,
     pub log_level: Option<LogLevel>,
+    /// `egress.allow`/`egress.deny` changed (applied live through the egress hook).
     pub egress: bool,
     /// Keys whose change takes effect only after a restart.
     pub restart_needed: Vec<&'static str>,
@@ -48,7 +52,8 @@ pub fn plan(old: &Config, new: &Config) -> ReloadPlan {
     if old.log.level != new.log.level {
         p.log_level = Some(new.log.level);
     }
-    if old.egress != new.egress {
+    let (oe, ne) = (&old.egress, &new.egress);
+    if oe.allow != ne.allow || oe.deny != ne.deny || oe.policy != ne.policy {
         p.egress = true;
     }
     let (o, n) = (&old.control_plane, &new.control_plane);
@@ -75,6 +80,13 @@ pub fn plan(old: &Config, new: &Config) -> ReloadPlan {
         format!("{:?}", old.agent) != format!("{:?}", new.agent),
     );
     restart("sandbox", old.sandbox != new.sandbox);
+    // The sandbox holds these in its settings, not behind a handle.
+    restart(
+        "egress.hosts/max_connections/firewall",
+        oe.hosts != ne.hosts
+            || oe.max_connections != ne.max_connections
+            || oe.firewall != ne.firewall,
+    );
     restart("log.format", old.log.format != new.log.format);
     restart("metrics", old.metrics != new.metrics);
     p
@@ -194,7 +206,10 @@ impl Reloader {
                 Some(hook) => match hook(&new.egress) {
                     Ok(()) => {
                         report.applied.push("egress policy".into());
-                        applied.egress = new.egress.clone();
+                        // Only the rules: the rest of [egress] waits for a restart (see plan).
+                        applied.egress.allow = new.egress.allow.clone();
+                        applied.egress.deny = new.egress.deny.clone();
+                        applied.egress.policy = new.egress.policy.clone();
                     }
                     Err(e) => report.errors.push(format!("egress policy: {e}")),
                 },
@@ -250,6 +265,21 @@ level = "info"
         assert_eq!(p.log_level, Some(LogLevel::Debug));
         assert!(p.egress);
         assert!(p.restart_needed.is_empty(), "{:?}", p.restart_needed);
+
+        // The rest of [egress] lives in the sandbox's settings: a restart, not a live change.
+        let new = cfg(
+            &BASE.replace(
+                "[log]",
+                "[egress]\nfirewall = \"off\"\n[egress.hosts]\n\"m.example\" = \"10.0.0.1\"\n[log]",
+            ),
+            d,
+        );
+        let p = plan(&old, &new);
+        assert!(!p.egress);
+        assert_eq!(
+            p.restart_needed,
+            vec!["egress.hosts/max_connections/firewall"]
+        );
 
         let new = cfg(
             &BASE
@@ -364,6 +394,27 @@ level = "info"
         assert!(rep.errors.iter().any(|e| e.contains("bad rule")), "{rep:?}");
         assert_eq!(r.current().egress.allow, vec!["x.example:443"]);
         assert_eq!(r.current().log.level, LogLevel::Info);
+        // New rules together with a restart-only egress key: the rules apply, the key waits.
+        *egress_ok.lock().unwrap() = true;
+        std::fs::write(
+            &file,
+            BASE.replace(
+                "[log]",
+                "[egress]\nallow = [\"z.example:443\"]\nmax_connections = 7\n[log]",
+            ),
+        )
+        .unwrap();
+        let rep = r.reload().unwrap();
+        assert!(
+            rep.applied.contains(&"egress policy".to_string()),
+            "{rep:?}"
+        );
+        assert_eq!(
+            rep.restart_needed,
+            vec!["egress.hosts/max_connections/firewall"]
+        );
+        assert_eq!(r.current().egress.allow, vec!["z.example:443"]);
+        assert_eq!(r.current().egress.max_connections, None);
         // A restart-only change is reported, not applied.
         std::fs::write(&file, BASE.replace("runner-1", "runner-9")).unwrap();
         let rep = r.reload().unwrap();

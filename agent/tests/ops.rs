@@ -889,6 +889,102 @@ async fn sighup_reloads_log_level_and_certificates_without_dropping_the_connecti
     assert_eq!(status.code(), Some(0), "{}", log.lock().unwrap());
 }
 
+/// The real binary installs the egress hook: a SIGHUP with new `allow`/`deny` rules replaces the
+/// sandbox's policy (reported as applied, and the hook's own line says how many rules the sandbox
+/// now has) instead of being reported as needing a restart; the other `[egress]` keys are
+/// reported as needing one; a bad rule refuses the whole reload.
+#[tokio::test]
+async fn sighup_replaces_the_egress_policy() {
+    let pki = Pki::new();
+    pki.agent_files(-1, 30);
+    let server = Server::start(&pki).await;
+    let egress = |allow: &str, extra: &str| format!("[egress]\nallow = [{allow}]\n{extra}");
+    let config = write_config(
+        &pki,
+        &server.url(),
+        "info",
+        &egress("\"a.example:443\"", ""),
+    );
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_delegate"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let log = collect(child.stderr.take().unwrap());
+    let mut conn = server.accept_welcome().await;
+    wait_log(&log, "connected to the control plane").await;
+
+    // Two allow rules and a deny rule instead of one allow rule.
+    write_config(
+        &pki,
+        &server.url(),
+        "info",
+        &egress(
+            "\"b.example:443\", \"10.1.0.0/16\"",
+            "deny = [\"10.1.2.0/24\"]\n",
+        ),
+    );
+    signal(&child, "HUP");
+    wait_log(&log, "reloaded (SIGHUP)").await;
+    let text = log.lock().unwrap().clone();
+    let replaced = text
+        .lines()
+        .find(|l| l.contains("egress policy replaced"))
+        .unwrap_or_else(|| panic!("the egress hook did not run:\n{text}"));
+    assert!(
+        replaced.contains("allow=2") && replaced.contains("deny=1"),
+        "{replaced}"
+    );
+    let reloaded = text
+        .lines()
+        .find(|l| l.contains("reloaded (SIGHUP)"))
+        .unwrap();
+    assert!(reloaded.contains("egress policy"), "{reloaded}");
+    assert!(
+        !reloaded.contains("only after a restart"),
+        "the egress change was not applied live: {reloaded}"
+    );
+
+    // hosts / firewall are not behind the handle: reported as needing a restart.
+    write_config(
+        &pki,
+        &server.url(),
+        "info",
+        &egress(
+            "\"b.example:443\", \"10.1.0.0/16\"",
+            "deny = [\"10.1.2.0/24\"]\nfirewall = \"off\"\n",
+        ),
+    );
+    log.lock().unwrap().clear();
+    signal(&child, "HUP");
+    wait_log(&log, "reloaded (SIGHUP)").await;
+    assert!(
+        log.lock()
+            .unwrap()
+            .contains("only after a restart: egress.hosts/max_connections/firewall"),
+        "{}",
+        log.lock().unwrap()
+    );
+    assert!(!log.lock().unwrap().contains("egress policy replaced"));
+
+    // A bad rule: the reload is refused, the hook is not called.
+    write_config(&pki, &server.url(), "info", &egress("\"x:0\"", ""));
+    log.lock().unwrap().clear();
+    signal(&child, "HUP");
+    wait_log(&log, "reload (SIGHUP) refused").await;
+    assert!(!log.lock().unwrap().contains("egress policy replaced"));
+
+    // The connection was never dropped.
+    conn.heartbeats(1).await;
+    signal(&child, "TERM");
+    let status = guard("exit", child.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(0), "{}", log.lock().unwrap());
+}
+
 // ------------------------------------------------------------------------------------------------
 // Renewal over the link
 // ------------------------------------------------------------------------------------------------
