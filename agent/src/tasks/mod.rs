@@ -312,6 +312,18 @@ impl TaskManager {
                 st.finish(rp.task_id, Outcome::Lost, Some(reason), Summary::default());
             }
         }
+        // Tasks still waiting for their inputs ask for them again; the control plane answers an
+        // `accept` for a task it already runs here by sending the inputs from the start.
+        let waiting: Vec<Uuid> = st
+            .tasks
+            .iter()
+            .filter(|(_, e)| e.phase.awaits_inputs() && e.spec.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in waiting {
+            st.conn
+                .push_back(text(&Message::Accept(Accept { task_id: id })));
+        }
         st.compact(false);
         st.forget_acked_tasks();
         drop(st);
@@ -321,8 +333,9 @@ impl TaskManager {
     }
 
     /// The connection is gone. Running tasks go on; their output waits. Tasks still waiting for
-    /// inputs fail (the inputs of that connection will not arrive); relayed state requests that
-    /// were sent get 503 (their answer will not arrive).
+    /// inputs drop what arrived and ask again on the next connection (bounded by the inputs
+    /// timeout that started at assignment); relayed state requests that were sent get 503 (their
+    /// answer will not arrive).
     pub fn on_disconnected(&self) {
         let mut st = self.inner.lock();
         st.connected = false;
@@ -340,19 +353,19 @@ impl TaskManager {
                     .send(unavailable("the connection to the control plane was lost"));
             }
         }
-        let waiting: Vec<Uuid> = st
-            .tasks
-            .iter()
-            .filter(|(_, e)| e.phase.awaits_inputs())
-            .map(|(id, _)| *id)
-            .collect();
-        for id in waiting {
-            st.finish(
-                id,
-                Outcome::Failed,
-                Some("the connection to the control plane was lost while the task's inputs were arriving".into()),
-                Summary::default(),
-            );
+        // Inputs cut off with the connection: start over. The next connection asks for them
+        // again (`accept` once more), and the control plane sends them from the beginning.
+        for (id, e) in st.tasks.iter_mut() {
+            if !e.phase.awaits_inputs() {
+                continue;
+            }
+            if let Some(spec) = e.spec.as_ref() {
+                if e.phase == Phase::ReceivingInputs {
+                    info!(task_id = %id, "inputs interrupted by the lost connection; they will be asked for again");
+                }
+                e.inputs = Some(InputAssembly::new(spec));
+                e.phase = Phase::Received;
+            }
         }
         drop(st);
         self.inner.changed.notify_waiters();

@@ -509,23 +509,6 @@ async fn cancel_before_inputs_ends_the_task_without_running_it() {
     assert!(h.runs.try_recv().is_err());
 }
 
-#[tokio::test]
-async fn link_lost_while_receiving_inputs_fails_the_task() {
-    let mut h = harness(TaskSettings::new(1));
-    h.m.handle_message(Message::Assign(Assign {
-        task: spec(13, b"abc", None),
-    }));
-    h.m.handle_binary(chunk(13, ChunkKind::Workspace, 0, false, b"a"));
-    h.m.on_disconnected();
-    assert_eq!(h.m.busy_slots(), 0);
-    h.m.on_connected(&[]);
-    match &sent(&h.m)[..] {
-        [Frame::Control(Message::Done(d))] => assert_eq!(d.outcome, Outcome::Failed),
-        other => panic!("{other:?}"),
-    }
-    assert!(h.runs.try_recv().is_err());
-}
-
 #[tokio::test(start_paused = true)]
 async fn inputs_that_never_arrive_time_out() {
     let mut settings = TaskSettings::new(1);
@@ -1237,4 +1220,46 @@ async fn a_secret_too_short_to_redact_fails_the_task_before_it_runs() {
         other => panic!("{other:?}"),
     }
     assert!(h.runs.try_recv().is_err(), "never ran");
+}
+
+#[tokio::test]
+async fn inputs_cut_off_by_a_lost_connection_are_asked_for_again() {
+    let mut h = harness(TaskSettings::new(1));
+    let id = 77;
+    let task = Uuid::from_u128(id);
+    let archive = b"0123456789".repeat(4);
+    h.m.handle_message(Message::Assign(Assign {
+        task: spec(id, &archive, None),
+    }));
+    assert_eq!(
+        sent(&h.m),
+        vec![Frame::Control(Message::Accept(Accept { task_id: task }))]
+    );
+    // Half the archive arrives, then the link drops.
+    h.m.handle_binary(chunk(id, ChunkKind::Workspace, 0, false, &archive[..20]));
+    assert_eq!(h.m.phase(task), Some(Phase::ReceivingInputs));
+    h.m.on_disconnected();
+    // The task is not failed: it is still held and waits for its inputs.
+    assert_eq!(h.m.phase(task), Some(Phase::Received));
+    assert_eq!(h.m.held_tasks().len(), 1);
+    assert!(h.m.next_outgoing().is_none());
+    // The next connection asks again, and the inputs arrive from the beginning.
+    h.m.on_connected(&[ResumePoint {
+        task_id: task,
+        acked_seq: 0,
+        known: true,
+    }]);
+    assert_eq!(
+        sent(&h.m),
+        vec![Frame::Control(Message::Accept(Accept { task_id: task }))]
+    );
+    h.m.handle_binary(chunk(id, ChunkKind::Workspace, 0, false, &archive[..20]));
+    h.m.handle_binary(chunk(id, ChunkKind::Workspace, 1, true, &archive[20..]));
+    let run = h
+        .runs
+        .recv()
+        .await
+        .expect("task started with the resent inputs");
+    assert_eq!(&run.inputs.archive[..], &archive[..]);
+    run.finish.send(result(Outcome::Succeeded)).unwrap();
 }
