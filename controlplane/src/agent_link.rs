@@ -154,8 +154,33 @@ type EndReason = String;
 async fn run_connection(cp: Arc<ControlPlane>, identity: String, peer: SocketAddr, ws: Ws) {
     let (mut sink, mut stream) = ws.split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Outbound>();
+    let (beat_tx, beat_rx) = oneshot::channel::<Duration>();
+    // The writer owns the heartbeats: they leave on time even while the reader is busy storing a
+    // large burst (a resent spool after a restart), so the agent never takes a slow store for a
+    // dead link.
     let writer = tokio::spawn(async move {
-        while let Some(out) = rx.recv().await {
+        let mut beat_rx = Some(beat_rx);
+        let mut beats: Option<tokio::time::Interval> = None;
+        loop {
+            let out = tokio::select! {
+                out = rx.recv() => out,
+                interval = async { beat_rx.as_mut().expect("guarded").await }, if beat_rx.is_some() => {
+                    beat_rx = None;
+                    // An error means the connection was never welcomed: no heartbeats.
+                    if let Ok(i) = interval {
+                        let mut t = tokio::time::interval_at(Instant::now() + i, i);
+                        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        beats = Some(t);
+                    }
+                    continue;
+                }
+                _ = async { beats.as_mut().expect("guarded").tick().await }, if beats.is_some() => {
+                    Some(Outbound::Text(encode_text(&Message::Heartbeat(Heartbeat {
+                        ts_ms: crate::now_ms() as u64,
+                    }))))
+                }
+            };
+            let Some(out) = out else { break };
             let msg = match out {
                 Outbound::Text(t) => WsMessage::text(t),
                 Outbound::Binary(b) => WsMessage::binary(b),
@@ -172,6 +197,7 @@ async fn run_connection(cp: Arc<ControlPlane>, identity: String, peer: SocketAdd
         agent: identity.clone(),
         peer: peer.to_string(),
         tx,
+        beats: Some(beat_tx),
         conn_id: 0,
         db_conn_id: None,
         decode_errors: 0,
@@ -189,6 +215,8 @@ struct Session {
     agent: String,
     peer: String,
     tx: mpsc::UnboundedSender<Outbound>,
+    /// Starts the writer's heartbeats once the agent is welcomed.
+    beats: Option<oneshot::Sender<Duration>>,
     /// Hub connection id (0 until registered).
     conn_id: u64,
     /// Row in the connection history (None until Hello is accepted).
@@ -257,10 +285,11 @@ impl Session {
             return reason;
         }
 
-        // Phase 2: connected.
+        // Phase 2: connected. Heartbeats go out from the writer.
         let interval = self.heartbeat_interval();
-        let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        if let Some(beats) = self.beats.take() {
+            let _ = beats.send(interval);
+        }
         let mut last_rx = Instant::now();
         loop {
             let item = tokio::select! {
@@ -274,38 +303,63 @@ impl Session {
                         interval.as_millis() * 3
                     );
                 }
-                _ = ticker.tick() => {
-                    self.send(&Message::Heartbeat(Heartbeat { ts_ms: crate::now_ms() as u64 }));
-                    continue;
-                }
                 item = stream.next() => item,
             };
-            let mut next = item;
-            let mut handled = 0;
-            // Handle the burst that is already readable, then acknowledge it in one go.
-            loop {
-                match next {
-                    None => return "connection closed by the agent".into(),
-                    Some(Err(e)) => return format!("websocket error: {e}"),
-                    Some(Ok(m)) => {
-                        last_rx = Instant::now();
-                        if let Step::End(reason) = self.on_ws_message(m) {
-                            self.flush_acks();
-                            return reason;
-                        }
-                    }
-                }
-                handled += 1;
-                if handled >= MAX_BURST {
-                    break;
-                }
+            // Take the burst that is already readable, store it, then acknowledge it in one go.
+            let mut burst = vec![item];
+            while burst.len() < MAX_BURST {
                 match stream.next().now_or_never() {
-                    Some(item) => next = item,
+                    Some(item) => burst.push(item),
                     None => break,
                 }
             }
-            self.flush_acks();
+            let end = self.ingest(burst);
+            // The agent was sending all along: the time spent storing is not its silence.
+            last_rx = Instant::now();
+            if let Some(reason) = end {
+                return reason;
+            }
         }
+    }
+
+    /// Handle a burst of frames: store work (SQLite, sealing) is blocking, so on a multi-thread
+    /// runtime it runs with this worker handed over to the blocking pool, and other connections,
+    /// the API and the dispatcher keep running meanwhile.
+    fn ingest(
+        &mut self,
+        burst: Vec<Option<Result<WsMessage, tungstenite::Error>>>,
+    ) -> Option<EndReason> {
+        let multi = tokio::runtime::Handle::try_current()
+            .map(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+            .unwrap_or(false);
+        if multi {
+            tokio::task::block_in_place(|| self.ingest_now(burst))
+        } else {
+            self.ingest_now(burst)
+        }
+    }
+
+    fn ingest_now(
+        &mut self,
+        burst: Vec<Option<Result<WsMessage, tungstenite::Error>>>,
+    ) -> Option<EndReason> {
+        let mut end = None;
+        for item in burst {
+            match item {
+                None => end = Some("connection closed by the agent".into()),
+                Some(Err(e)) => end = Some(format!("websocket error: {e}")),
+                Some(Ok(m)) => {
+                    if let Step::End(reason) = self.on_ws_message(m) {
+                        end = Some(reason);
+                    }
+                }
+            }
+            if end.is_some() {
+                break;
+            }
+        }
+        self.flush_acks();
+        end
     }
 
     /// Decode a WebSocket message into a control message. Undecodable frames are answered and
