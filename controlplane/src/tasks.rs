@@ -139,7 +139,7 @@ pub fn egress_audit(agent: &str, task: Uuid, event: &EventKind) -> Option<AuditE
         return None;
     };
     let (action, decision) = if *allowed {
-        ("egress.allowed", format!("rule {detail}"))
+        ("egress.allowed", format!("allowed: {detail}"))
     } else {
         ("egress.denied", format!("denied: {detail}"))
     };
@@ -761,7 +761,7 @@ mod tests {
             destination: "registry.opentofu.org:443".into(),
             address: Some("192.0.2.10:443".into()),
             allowed: true,
-            detail: "registry.opentofu.org:443".into(),
+            detail: "rule registry.opentofu.org:443".into(),
             bytes_up: 1200,
             bytes_down: 34000,
             duration_ms: 250,
@@ -772,7 +772,7 @@ mod tests {
         assert_eq!(e.target, task.to_string());
         assert_eq!(
             e.detail,
-            "destination registry.opentofu.org:443 address 192.0.2.10:443 rule \
+            "destination registry.opentofu.org:443 address 192.0.2.10:443 allowed: rule \
              registry.opentofu.org:443; 1200 bytes up, 34000 bytes down, 250 ms"
         );
         let denied = EventKind::Egress {

@@ -265,7 +265,7 @@ async fn egress_events_become_audit_records_once() {
             destination: "registry.opentofu.org:443".into(),
             address: Some("192.0.2.7:443".into()),
             allowed: true,
-            detail: "registry.opentofu.org:443".into(),
+            detail: "rule registry.opentofu.org:443".into(),
             bytes_up: 517,
             bytes_down: 40_960,
             duration_ms: 123,
@@ -319,7 +319,7 @@ async fn egress_events_become_audit_records_once() {
     for part in [
         "destination registry.opentofu.org:443",
         "address 192.0.2.7:443",
-        "rule registry.opentofu.org:443",
+        "allowed: rule registry.opentofu.org:443;",
         "517 bytes up",
         "40960 bytes down",
         "123 ms",
