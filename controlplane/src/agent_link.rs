@@ -405,9 +405,21 @@ impl Session {
             Ok(v) => v,
             Err(e) => {
                 let msg = e.to_string();
-                tracing::warn!(agent = %self.agent, peer = %self.peer, "{msg}");
-                self.cp
-                    .audit(&self.agent, "agent.refused", &self.agent, &msg);
+                if hello.versions.is_empty() {
+                    // An empty offer is how `delegate doctor` asks which versions are spoken: a
+                    // check from an agent host, not a refused agent.
+                    tracing::info!(agent = %self.agent, peer = %self.peer, "version probe (delegate doctor)");
+                    self.cp.audit(
+                        &self.agent,
+                        "agent.probed",
+                        &self.agent,
+                        &format!("version probe from {} (delegate doctor)", self.peer),
+                    );
+                } else {
+                    tracing::warn!(agent = %self.agent, peer = %self.peer, "{msg}");
+                    self.cp
+                        .audit(&self.agent, "agent.refused", &self.agent, &msg);
+                }
                 self.send_error(ErrorCode::UnsupportedVersion, msg.clone(), None);
                 return Err(msg);
             }

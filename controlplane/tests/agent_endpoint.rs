@@ -177,6 +177,24 @@ async fn unsupported_version_is_refused_with_a_message() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_version_offer_is_a_probe_not_a_refusal() {
+    let env = Env::new(5000).await;
+    let mut ws = connect(&env, "a1").await;
+    send(&mut ws, &hello("a1", vec![])).await;
+    match recv(&mut ws, true).await {
+        Some(Message::Error(e)) => assert_eq!(e.code, ErrorCode::UnsupportedVersion),
+        other => panic!("expected error, got {other:?}"),
+    }
+    let r = env.wait_audit(|r| r.action == "agent.probed").await;
+    assert_eq!(r.target, "a1");
+    assert!(r.detail.contains("delegate doctor"), "{}", r.detail);
+    assert!(
+        env.audit().await.iter().all(|r| r.action != "agent.refused"),
+        "a probe is not audited as a refusal"
+    );
+}
+
 /// A refused handshake fails on the client (at TLS or at the WebSocket upgrade, TLS 1.3 lets a
 /// client finish before the server has checked its certificate) and is audited with the reason.
 async fn assert_refused(env: &Env, config: rustls::ClientConfig, reason_part: &str) {
