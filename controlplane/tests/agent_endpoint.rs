@@ -190,7 +190,10 @@ async fn an_empty_version_offer_is_a_probe_not_a_refusal() {
     assert_eq!(r.target, "a1");
     assert!(r.detail.contains("delegate doctor"), "{}", r.detail);
     assert!(
-        env.audit().await.iter().all(|r| r.action != "agent.refused"),
+        env.audit()
+            .await
+            .iter()
+            .all(|r| r.action != "agent.refused"),
         "a probe is not audited as a refusal"
     );
 }
