@@ -1228,6 +1228,7 @@ impl Config {
             plugin_cache: s.plugin_cache.unwrap_or(d.plugin_cache),
             pool: self.agent.pool.clone(),
             egress: self.egress_settings(),
+            provider_mirror: s.provider_mirror.clone(),
         }
     }
 

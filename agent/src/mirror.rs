@@ -4,7 +4,9 @@
 //! Owns the rendering (pure): from `[sandbox] provider_mirror` (a network mirror, HTTPS) or
 //! `[sandbox] provider_filesystem_mirror` (a directory on the host, mounted read-only) to a
 //! [`MirrorSetup`]: the file to write into the task's workspace volume, the environment variable
-//! pointing tofu at it, and the read-only mount a filesystem mirror needs. The sandbox applies it.
+//! pointing tofu at it, and the read-only mount a filesystem mirror needs. The sandbox applies it
+//! (`sandbox::Inner::execute`: the file goes into the workspace volume with the workspace, the
+//! variables into every step's environment as the agent's own, which a task cannot override).
 //!
 //! The generated `provider_installation` block lists only the mirror: tofu uses no other
 //! installation method (`direct` is not listed, so it is disabled), and a provider missing from
@@ -39,7 +41,9 @@ pub struct MirrorSetup {
     pub file_path: String,
     /// The CLI configuration text.
     pub content: String,
-    /// Variables to add to every step's environment (`TF_CLI_CONFIG_FILE`).
+    /// Variables to add to every step's environment: `TF_CLI_CONFIG_FILE`, and the same path as
+    /// `TOFU_CLI_CONFIG_FILE` (a name some OpenTofu setups read), both reserved to the agent so a
+    /// task can point tofu at neither a configuration of its own.
     pub env: Vec<(String, String)>,
     /// Read-only bind mounts: (host path, container path).
     pub ro_mounts: Vec<(PathBuf, String)>,
@@ -147,7 +151,10 @@ pub fn setup(mirror: &ProviderMirror) -> MirrorSetup {
     MirrorSetup {
         file_path: CLI_CONFIG_PATH.to_string(),
         content: render_cli_config(mirror),
-        env: vec![("TF_CLI_CONFIG_FILE".into(), CLI_CONFIG_PATH.into())],
+        env: vec![
+            ("TF_CLI_CONFIG_FILE".into(), CLI_CONFIG_PATH.into()),
+            ("TOFU_CLI_CONFIG_FILE".into(), CLI_CONFIG_PATH.into()),
+        ],
         ro_mounts,
     }
 }
@@ -189,10 +196,16 @@ mod tests {
         assert_eq!(s.file_path, "/workspace/.delegate/tofu.tfrc");
         assert_eq!(
             s.env,
-            vec![(
-                "TF_CLI_CONFIG_FILE".to_string(),
-                "/workspace/.delegate/tofu.tfrc".to_string()
-            )]
+            vec![
+                (
+                    "TF_CLI_CONFIG_FILE".to_string(),
+                    "/workspace/.delegate/tofu.tfrc".to_string()
+                ),
+                (
+                    "TOFU_CLI_CONFIG_FILE".to_string(),
+                    "/workspace/.delegate/tofu.tfrc".to_string()
+                )
+            ]
         );
         assert!(s.ro_mounts.is_empty());
     }

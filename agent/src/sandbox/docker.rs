@@ -2,8 +2,11 @@
 //! network and volume, running one step with its output streamed as produced, and removal.
 //!
 //! Owns: every `create_*` call the sandbox makes and the security settings of the containers.
-//! Must never: mount a host path or the Docker socket, start a container without the hardening
-//! of [`step_config`], or create an object without the task's labels.
+//! Must never: mount the Docker socket, mount a host path other than the operator's read-only
+//! provider filesystem mirror ([`StepContainer::ro_binds`], from `[sandbox]
+//! provider_filesystem_mirror`, never from a task), mount anything of the host writable, start a
+//! container without the hardening of [`step_config`], or create an object without the task's
+//! labels.
 
 use super::logs::{Redactor, StreamLog, PARTIAL_FLUSH_AFTER};
 use super::steps::{Step, PLUGIN_CACHE_DIR, WORKDIR};
@@ -15,7 +18,10 @@ use bollard::container::{
     KillContainerOptions, ListContainersOptions, LogOutput, RemoveContainerOptions,
     UploadToContainerOptions, WaitContainerOptions,
 };
-use bollard::models::{HostConfig, HostConfigLogConfig, Mount, MountTypeEnum, MountVolumeOptions};
+use bollard::models::{
+    HostConfig, HostConfigLogConfig, Mount, MountBindOptions, MountBindOptionsPropagationEnum,
+    MountTypeEnum, MountVolumeOptions,
+};
 use bollard::network::{CreateNetworkOptions, InspectNetworkOptions, ListNetworksOptions};
 use bollard::volume::{CreateVolumeOptions, ListVolumesOptions, RemoveVolumeOptions};
 use bollard::Docker;
@@ -25,6 +31,7 @@ use futures_util::StreamExt;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -109,6 +116,9 @@ pub struct StepContainer<'a> {
     pub network: &'a str,
     pub volume: &'a str,
     pub cache_volume: Option<&'a str>,
+    /// Host directories mounted read-only: (host path, container path). Only the operator's
+    /// provider filesystem mirror goes here.
+    pub ro_binds: &'a [(PathBuf, String)],
     pub resources: Resources,
 }
 
@@ -135,6 +145,21 @@ fn mounts(volume: &str, cache_volume: Option<&str>) -> Vec<Mount> {
     m
 }
 
+/// A read-only bind mount of a host directory, with no mount propagation back to the host.
+fn ro_bind(source: &std::path::Path, target: &str) -> Mount {
+    Mount {
+        target: Some(target.into()),
+        source: Some(source.to_string_lossy().into_owned()),
+        typ: Some(MountTypeEnum::BIND),
+        read_only: Some(true),
+        bind_options: Some(MountBindOptions {
+            propagation: Some(MountBindOptionsPropagationEnum::RPRIVATE),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// The hardened configuration of a step container.
 pub fn step_config(s: &StepContainer<'_>) -> Config<String> {
     let host = HostConfig {
@@ -152,7 +177,12 @@ pub fn step_config(s: &StepContainer<'_>) -> Config<String> {
             "/tmp".to_string(),
             TMPFS_OPTIONS.to_string(),
         )])),
-        mounts: Some(mounts(s.volume, s.cache_volume)),
+        mounts: Some(
+            mounts(s.volume, s.cache_volume)
+                .into_iter()
+                .chain(s.ro_binds.iter().map(|(h, c)| ro_bind(h, c)))
+                .collect(),
+        ),
         binds: None,
         network_mode: Some(s.network.into()),
         log_config: Some(HostConfigLogConfig {
@@ -834,6 +864,7 @@ mod tests {
             network: "delegate-x-net",
             volume: "delegate-x-ws",
             cache_volume: None,
+            ro_binds: &[],
             resources: Resources {
                 memory_bytes: 1 << 30,
                 nano_cpus: 1_000_000_000,
@@ -910,6 +941,7 @@ mod tests {
             network: "n",
             volume: "v",
             cache_volume: Some("delegate-plugins-p"),
+            ro_binds: &[],
             resources: Resources {
                 memory_bytes: 1,
                 nano_cpus: 1,
@@ -920,6 +952,44 @@ mod tests {
         assert_eq!(mounts.len(), 2);
         assert_eq!(mounts[1].target.as_deref(), Some(PLUGIN_CACHE_DIR));
         assert!(mounts.iter().all(|m| m.typ == Some(MountTypeEnum::VOLUME)));
+    }
+
+    #[test]
+    fn a_filesystem_mirror_is_the_only_host_path_and_read_only() {
+        let args: Vec<String> = vec![];
+        let mirror = crate::mirror::setup(&crate::mirror::ProviderMirror::Filesystem(
+            "/srv/tofu-providers".into(),
+        ));
+        let c = step_config(&StepContainer {
+            image: "i",
+            binary: "tofu",
+            args: &args,
+            env: &[],
+            labels: HashMap::new(),
+            network: "n",
+            volume: "v",
+            cache_volume: None,
+            ro_binds: &mirror.ro_mounts,
+            resources: Resources {
+                memory_bytes: 1,
+                nano_cpus: 1,
+                pids_limit: 1,
+            },
+        });
+        let h = c.host_config.unwrap();
+        assert!(h.binds.is_none());
+        let mounts = h.mounts.unwrap();
+        assert_eq!(mounts.len(), 2);
+        assert_eq!(mounts[0].typ, Some(MountTypeEnum::VOLUME));
+        let m = &mounts[1];
+        assert_eq!(m.typ, Some(MountTypeEnum::BIND));
+        assert_eq!(m.source.as_deref(), Some("/srv/tofu-providers"));
+        assert_eq!(m.target.as_deref(), Some(crate::mirror::FS_MIRROR_MOUNT));
+        assert_eq!(m.read_only, Some(true));
+        assert_eq!(
+            m.bind_options.as_ref().unwrap().propagation,
+            Some(MountBindOptionsPropagationEnum::RPRIVATE)
+        );
     }
 
     #[test]

@@ -452,6 +452,8 @@ async fn drain_records(
     out: TaskOutputTx,
     secrets: Vec<Vec<u8>>,
 ) {
+    // The task's secret values, held for redaction until the proxy is gone; zeroized then.
+    let secrets = zeroize::Zeroizing::new(secrets);
     let mut open = true;
     while let Some(rec) = rx.recv().await {
         if !open {

@@ -6,9 +6,17 @@
 //! state backend endpoint on the task network, cancel and timeout of a running step, and removal of
 //! everything a task created — whatever the outcome, including errors and a panicking runner.
 //!
-//! Must never: touch Docker before the workspace archive has passed [`archive::normalise`], mount a
-//! host path or the Docker socket into a sandbox, listen on anything but a task network's gateway,
-//! put a secret value in a log line, an error or a task result reason, or panic on task input.
+//! Must never: touch Docker before the workspace archive has passed [`archive::normalise`], mount
+//! the Docker socket or a host path into a sandbox (the one exception: the operator's provider
+//! filesystem mirror, read-only), listen on anything but a task network's gateway, put a secret
+//! value in a log line, an error or a task result reason, keep a task's secret values in memory
+//! beyond the task (the copies it holds are zeroized when dropped), or panic on task input.
+//!
+//! Air-gapped pools ([`crate::mirror`]): with `[sandbox] provider_mirror` or
+//! `provider_filesystem_mirror` set, every task's workspace volume gets the tofu CLI
+//! configuration naming only the mirror (`.delegate/tofu.tfrc`, written with the workspace), every
+//! step the `TF_CLI_CONFIG_FILE` pointing at it (reserved: a task cannot set it), and, for a
+//! filesystem mirror, the read-only mount of the mirror directory.
 //!
 //! The agent is assumed to run on the Docker host (systemd on a VM): the state backend listens on
 //! the task network's gateway address, which the host holds on the network's bridge. An agent that
@@ -48,6 +56,7 @@ use std::time::Duration;
 use steps::{After, BackendEnv, Step, StepError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use zeroize::Zeroizing;
 
 pub use docker::{LABEL_AGENT, LABEL_CACHE, LABEL_POOL, LABEL_STEP, LABEL_TASK};
 pub use image::{LABEL_BINARY, LABEL_BINARY_VERSION};
@@ -113,6 +122,10 @@ pub struct SandboxSettings {
     pub pool: String,
     /// The egress allowlist and how it is enforced (`[egress]`).
     pub egress: EgressSettings,
+    /// Air-gapped pools: where tofu installs providers from (`[sandbox] provider_mirror` /
+    /// `provider_filesystem_mirror`); `None`: tofu's own defaults (the providers' registries,
+    /// through the egress allowlist).
+    pub provider_mirror: Option<crate::mirror::ProviderMirror>,
 }
 
 impl Default for SandboxSettings {
@@ -133,6 +146,7 @@ impl Default for SandboxSettings {
             plugin_cache: false,
             pool: "default".into(),
             egress: EgressSettings::default(),
+            provider_mirror: None,
         }
     }
 }
@@ -146,6 +160,16 @@ impl SandboxSettings {
             Duration::from_secs(requested_secs)
         };
         wanted.min(self.max_timeout)
+    }
+
+    /// What a task needs for the provider mirror, if one is configured.
+    fn mirror(&self) -> Option<crate::mirror::MirrorSetup> {
+        self.provider_mirror.as_ref().map(crate::mirror::setup)
+    }
+
+    /// The agent's own step variables beyond [`steps::build_env`]'s (the mirror's).
+    fn mirror_env(mirror: Option<&crate::mirror::MirrorSetup>) -> &[(String, String)] {
+        mirror.map(|m| m.env.as_slice()).unwrap_or_default()
     }
 
     fn limits(&self) -> Limits {
@@ -631,13 +655,22 @@ impl Inner {
             .map_err(Ended::failed)?;
         let default_backend = spec.op != Op::Validate && !ws.declares_backend;
         let plugin_cache = settings.plugin_cache && ws.has_lock_file;
+        let mirror = settings.mirror();
+        let mirror_env = SandboxSettings::mirror_env(mirror.as_ref());
         let placeholder = BackendEnv {
             address: String::new(),
             username: String::new(),
             password: String::new(),
         };
-        steps::build_env(&spec, default_backend.then_some(&placeholder), plugin_cache)
-            .map_err(|e| Ended::failed(e.to_string()))?;
+        drop(Zeroizing::new(
+            steps::build_env(
+                &spec,
+                default_backend.then_some(&placeholder),
+                plugin_cache,
+                mirror_env,
+            )
+            .map_err(|e| Ended::failed(e.to_string()))?,
+        ));
         if default_backend {
             ws.add_file(steps::BACKEND_FILE, steps::BACKEND_FILE_BODY.as_bytes()).map_err(|_| {
                 Ended::failed(format!(
@@ -648,6 +681,11 @@ impl Inner {
         }
         if let Some(p) = &plan {
             ws.add_file(steps::PLAN_REL, p)
+                .map_err(|e| Ended::failed(e.to_string()))?;
+        }
+        // Under `.delegate/`, which a workspace archive cannot hold, so this cannot collide.
+        if let Some(m) = &mirror {
+            ws.add_file(crate::mirror::CLI_CONFIG_REL, m.content.as_bytes())
                 .map_err(|e| Ended::failed(e.to_string()))?;
         }
         drop(plan);
@@ -713,15 +751,7 @@ impl Inner {
 
         // 4. Egress: the task's proxy on the gateway, and the host firewall rules of its bridge,
         //    before any container can start on the network.
-        let mut task_secrets: Vec<Vec<u8>> = spec
-            .secrets
-            .0
-            .values()
-            .map(|v| v.as_bytes().to_vec())
-            .collect();
-        if let Some(b) = &backend_env {
-            task_secrets.push(b.password.as_bytes().to_vec());
-        }
+        let task_secrets = task_secrets(&spec, backend_env.as_ref());
         let mut protected = crate::egress::local::host_addresses()
             .map_err(|e| fail(EgressError::HostAddresses(e).into()))?;
         protected.extend(docker::network_subnets(d).await.map_err(fail)?);
@@ -740,7 +770,7 @@ impl Inner {
             &settings.egress,
             self.firewall.map(|b| (&self.firewalls, b)),
             out.clone(),
-            task_secrets,
+            task_secrets.to_vec(),
         )
         .await
         .map_err(|e| fail(e.into()))?;
@@ -798,19 +828,14 @@ impl Inner {
         journal.save(out).await?;
 
         // 6. The steps.
-        let mut env = steps::build_env(&spec, backend_env.as_ref(), plugin_cache)
-            .map_err(|e| Ended::failed(e.to_string()))?;
+        let mut env = Zeroizing::new(
+            steps::build_env(&spec, backend_env.as_ref(), plugin_cache, mirror_env)
+                .map_err(|e| Ended::failed(e.to_string()))?,
+        );
         env.extend(egress_env);
-        let mut secrets: Vec<Vec<u8>> = spec
-            .secrets
-            .0
-            .values()
-            .map(|v| v.as_bytes().to_vec())
-            .collect();
-        if let Some(b) = &backend_env {
-            secrets.push(b.password.as_bytes().to_vec());
-        }
+        let mut secrets = task_secrets;
         secrets.push(egress_password.into_bytes());
+        let ro_binds = mirror.map(|m| m.ro_mounts).unwrap_or_default();
         let resources = docker::Resources {
             memory_bytes: settings.memory_bytes,
             nano_cpus: settings.nano_cpus,
@@ -836,6 +861,7 @@ impl Inner {
                 network: &net.name,
                 volume: &volume,
                 cache_volume: cache_volume.as_deref(),
+                ro_binds: &ro_binds,
                 resources,
             });
             let name = docker::step_container_name(task, index, step.name);
@@ -851,35 +877,68 @@ impl Inner {
                 out,
             )
             .await;
-            let run = match run {
-                Ok(run) => run,
-                Err((id, failure)) => {
-                    if let Some(id) = id {
-                        docker::remove_container(d, &id).await;
-                    }
-                    return Err(match failure {
-                        StepFailure::Docker(e) => Ended::failed(e.to_string()),
-                        StepFailure::OutputClosed => output_closed(),
-                        StepFailure::CaptureTooLarge => Ended::failed(format!(
-                            "output of step `{}` exceeds {} bytes",
-                            step.name,
-                            docker::MAX_CAPTURE
-                        )),
-                    });
-                }
-            };
-            if step.name == "plan" {
-                plan_exit = Some(run.exit_code);
-            }
-            journal.exited(out, index, step, &run).await?;
-            let after = self
-                .after_step(step, &run, plan_exit, &secrets, out, stop, summary)
-                .await;
-            docker::remove_container(d, &run.container).await;
-            after?;
-            journal.done(out, index, summary).await?;
+            self.finish_step(
+                FinishStep {
+                    index,
+                    step,
+                    collect: step,
+                    secrets: &secrets,
+                },
+                run,
+                &mut plan_exit,
+                &mut journal,
+                out,
+                stop,
+                summary,
+            )
+            .await?;
         }
         Ok(())
+    }
+
+    /// Everything after a step container ran (or failed to): on failure remove what was created
+    /// and say why; else journal the exit, judge it, collect what it produced
+    /// ([`Self::after_step`] with `collect`), remove the container and journal the step done.
+    /// Shared by a normal run and the steps a resumed task runs afresh ([`recover`]).
+    #[allow(clippy::too_many_arguments)]
+    async fn finish_step(
+        &self,
+        f: FinishStep<'_>,
+        run: Result<StepRun, (Option<String>, StepFailure)>,
+        plan_exit: &mut Option<i64>,
+        journal: &mut recover::Journaler,
+        out: &TaskOutputTx,
+        stop: &StopSignal,
+        summary: &mut Summary,
+    ) -> Result<(), Ended> {
+        let d = &self.docker;
+        let run = match run {
+            Ok(run) => run,
+            Err((id, failure)) => {
+                if let Some(id) = id {
+                    docker::remove_container(d, &id).await;
+                }
+                return Err(match failure {
+                    StepFailure::Docker(e) => Ended::failed(e.to_string()),
+                    StepFailure::OutputClosed => output_closed(),
+                    StepFailure::CaptureTooLarge => Ended::failed(format!(
+                        "output of step `{}` exceeds {} bytes",
+                        f.step.name,
+                        docker::MAX_CAPTURE
+                    )),
+                });
+            }
+        };
+        if f.step.name == "plan" {
+            *plan_exit = Some(run.exit_code);
+        }
+        journal.exited(out, f.index, f.step, &run).await?;
+        let after = self
+            .after_step(f.collect, &run, *plan_exit, f.secrets, out, stop, summary)
+            .await;
+        docker::remove_container(d, &run.container).await;
+        after?;
+        journal.done(out, f.index, summary).await
     }
 
     /// Judge a finished step and collect what it produced.
@@ -937,6 +996,34 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// Which step [`Inner::finish_step`] finishes.
+struct FinishStep<'a> {
+    index: usize,
+    /// The step as run (its name and exit codes).
+    step: &'a Step,
+    /// The step as collected: the same, or with artifacts the spool already holds left out.
+    collect: &'a Step,
+    /// For redacting what is collected (outputs).
+    secrets: &'a [Vec<u8>],
+}
+
+/// Copies of a task's secret values the sandbox holds (for redaction), zeroized when dropped.
+pub(crate) type SecretCopies = Zeroizing<Vec<Vec<u8>>>;
+
+/// The task's secret values and its state backend password, as held for redaction.
+fn task_secrets(spec: &delegate_protocol::TaskSpec, backend: Option<&BackendEnv>) -> SecretCopies {
+    let mut v: Vec<Vec<u8>> = spec
+        .secrets
+        .0
+        .values()
+        .map(|v| v.as_bytes().to_vec())
+        .collect();
+    if let Some(b) = backend {
+        v.push(b.password.as_bytes().to_vec());
+    }
+    Zeroizing::new(v)
 }
 
 fn output_closed() -> Ended {

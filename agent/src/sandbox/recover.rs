@@ -37,13 +37,13 @@
 //! proxy and firewall rules.
 
 use super::backend::{Credentials, StateServer};
-use super::docker::{self, StepContainer, StepFailure, StepRun, TaskNetwork};
+use super::docker::{self, StepContainer, StepRun, TaskNetwork};
 use super::egress_wiring::{EgressError, EgressPlan, FirewallRegistry, TaskEgress};
 use super::logs::{Redactor, StreamLog, PARTIAL_FLUSH_AFTER};
 use super::steps::{self, After, BackendEnv, Step};
 use super::{
-    bounded, judge_step, output_closed, send, Ended, Inner, Sandbox, SandboxError, StopReason,
-    StopSignal, LABEL_STEP,
+    bounded, judge_step, output_closed, send, Ended, FinishStep, Inner, Sandbox, SandboxError,
+    SandboxSettings, StopReason, StopSignal, LABEL_STEP,
 };
 use crate::spool::journal::{BackendJournal, ExecJournal, StepJournal, StepState, TaskJournal};
 use crate::task_io::{TaskOutput, TaskOutputTx, TaskResult};
@@ -631,9 +631,11 @@ impl Sandbox {
 }
 
 /// What the resumed steps run with once they need new containers.
+/// The environment and secret copies of steps run afresh; both hold secret values and are
+/// zeroized when dropped.
 struct Fresh {
-    env: Vec<String>,
-    secrets: Vec<Vec<u8>>,
+    env: zeroize::Zeroizing<Vec<String>>,
+    secrets: super::SecretCopies,
 }
 
 impl Inner {
@@ -1040,7 +1042,7 @@ impl Inner {
             });
             *server_slot = Some(s);
         }
-        let mut secrets: Vec<Vec<u8>> = Vec::new();
+        let mut secrets: super::SecretCopies = Default::default();
         if let Some(b) = &backend_env {
             secrets.push(b.password.as_bytes().to_vec());
         }
@@ -1068,12 +1070,22 @@ impl Inner {
             &self.settings.egress,
             self.firewall.map(|b| (&self.firewalls, b)),
             out.clone(),
-            secrets.clone(),
+            secrets.to_vec(),
         )
         .await
         .map_err(|e| fail(e.into()))?;
-        let mut env = steps::build_env(spec, backend_env.as_ref(), exec.cache_volume.is_some())
-            .map_err(|e| Ended::failed(e.to_string()))?;
+        // The mirror of the current settings; its CLI configuration is in the volume already
+        // (written with the workspace).
+        let mirror = self.settings.mirror();
+        let mut env = zeroize::Zeroizing::new(
+            steps::build_env(
+                spec,
+                backend_env.as_ref(),
+                exec.cache_volume.is_some(),
+                SandboxSettings::mirror_env(mirror.as_ref()),
+            )
+            .map_err(|e| Ended::failed(e.to_string()))?,
+        );
         env.extend(started.env.clone());
         secrets.push(started.password.clone().into_bytes());
         *egress_slot = Some(started);
@@ -1098,6 +1110,11 @@ impl Inner {
         let task = journal.spec.task_id;
         let d = &self.docker;
         let labels = self.labels(task);
+        let ro_binds = self
+            .settings
+            .mirror()
+            .map(|m| m.ro_mounts)
+            .unwrap_or_default();
         let resources = docker::Resources {
             memory_bytes: self.settings.memory_bytes,
             nano_cpus: self.settings.nano_cpus,
@@ -1141,6 +1158,7 @@ impl Inner {
                 network: &exec.network,
                 volume: &exec.volume,
                 cache_volume: exec.cache_volume.as_deref(),
+                ro_binds: &ro_binds,
                 resources,
             });
             j.started(out, index).await?;
@@ -1155,46 +1173,36 @@ impl Inner {
                 out,
             )
             .await;
-            let run = match run {
-                Ok(run) => run,
-                Err((id, failure)) => {
-                    if let Some(id) = id {
-                        docker::remove_container(d, &id).await;
-                    }
-                    return Err(match failure {
-                        StepFailure::Docker(e) => Ended::failed(e.to_string()),
-                        StepFailure::OutputClosed => output_closed(),
-                        StepFailure::CaptureTooLarge => Ended::failed(format!(
-                            "output of step `{}` exceeds {} bytes",
-                            step.name,
-                            docker::MAX_CAPTURE
-                        )),
-                    });
-                }
-            };
-            if step.name == "plan" {
-                plan_exit = Some(run.exit_code);
-            }
-            j.exited(out, index, step, &run).await?;
             // An artifact the spool already holds is not sent again.
-            let mut step = step.clone();
-            if let After::PlanJson { drift, .. } = step.after {
+            let mut collect = step.clone();
+            if let After::PlanJson { drift, .. } = collect.after {
                 if journal.artifacts.contains(&ChunkKind::PlanJson) {
-                    step.after = After::PlanJson {
+                    collect.after = After::PlanJson {
                         upload: false,
                         drift,
                     };
                 }
             }
-            if step.after == After::UploadPlanFile && journal.artifacts.contains(&ChunkKind::Plan) {
-                step.after = After::Nothing;
+            if collect.after == After::UploadPlanFile
+                && journal.artifacts.contains(&ChunkKind::Plan)
+            {
+                collect.after = After::Nothing;
             }
-            let after = self
-                .after_step(&step, &run, plan_exit, &fresh.secrets, out, stop, summary)
-                .await;
-            docker::remove_container(d, &run.container).await;
-            after?;
-            j.done(out, index, summary).await?;
+            self.finish_step(
+                FinishStep {
+                    index,
+                    step,
+                    collect: &collect,
+                    secrets: &fresh.secrets,
+                },
+                run,
+                &mut plan_exit,
+                j,
+                out,
+                stop,
+                summary,
+            )
+            .await?;
         }
         Ok(())
     }

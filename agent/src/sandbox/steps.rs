@@ -277,13 +277,17 @@ fn valid_env_name(name: &str) -> bool {
 }
 
 /// The `KEY=value` list of a step container: the task's env and secrets, then the agent's own
-/// variables. Errors name the variable, never its value.
+/// variables, then `extra` (more of the agent's own, e.g. the provider mirror's
+/// `TF_CLI_CONFIG_FILE`; a task cannot override these either). Errors name the variable, never
+/// its value.
 pub fn build_env(
     spec: &TaskSpec,
     backend: Option<&BackendEnv>,
     plugin_cache: bool,
+    extra: &[(String, String)],
 ) -> Result<Vec<String>, StepError> {
-    let ours = agent_env(backend, plugin_cache);
+    let mut ours = agent_env(backend, plugin_cache);
+    ours.extend(extra.iter().cloned());
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     for (k, v) in spec.env.iter().chain(spec.secrets.0.iter()) {
@@ -563,7 +567,7 @@ mod tests {
             username: "delegate".into(),
             password: "pw".into(),
         };
-        let env = build_env(&spec(Op::Plan), Some(&backend), true).unwrap();
+        let env = build_env(&spec(Op::Plan), Some(&backend), true, &[]).unwrap();
         for want in [
             "TF_LOG=info",
             "TF_VAR_token=s3cr3t",
@@ -581,7 +585,7 @@ mod tests {
         ] {
             assert!(env.contains(&want.to_string()), "missing {want}");
         }
-        let env = build_env(&spec(Op::Plan), None, false).unwrap();
+        let env = build_env(&spec(Op::Plan), None, false, &[]).unwrap();
         assert!(!env
             .iter()
             .any(|e| e.starts_with("TF_HTTP_") || e.starts_with("TF_PLUGIN")));
@@ -608,26 +612,45 @@ mod tests {
     fn env_refuses_bad_and_reserved_names_without_values() {
         let mut s = spec(Op::Plan);
         s.secrets.0.insert("HOME".into(), "topsecret".into());
-        let e = build_env(&s, None, false).unwrap_err();
+        let e = build_env(&s, None, false, &[]).unwrap_err();
         assert_eq!(e, StepError::ReservedEnv("HOME".into()));
         assert!(!e.to_string().contains("topsecret"));
         let mut s = spec(Op::Plan);
         s.env.insert("A=B".into(), "x".into());
         assert_eq!(
-            build_env(&s, None, false),
+            build_env(&s, None, false, &[]),
             Err(StepError::BadEnvName("A=B".into()))
         );
         // Their own http backend may use TF_HTTP_* when the agent does not serve one.
         let mut s = spec(Op::Plan);
         s.env
             .insert("TF_HTTP_ADDRESS".into(), "https://state.example".into());
-        assert!(build_env(&s, None, false).is_ok());
+        assert!(build_env(&s, None, false, &[]).is_ok());
         let b = BackendEnv {
             address: "a".into(),
             username: "u".into(),
             password: "p".into(),
         };
-        assert!(build_env(&s, Some(&b), false).is_err());
+        assert!(build_env(&s, Some(&b), false, &[]).is_err());
+    }
+
+    #[test]
+    fn mirror_env_is_the_agents_own() {
+        let mirror = crate::mirror::setup(&crate::mirror::ProviderMirror::Filesystem(
+            "/srv/providers".into(),
+        ));
+        let env = build_env(&spec(Op::Plan), None, false, &mirror.env).unwrap();
+        assert!(env.contains(&"TF_CLI_CONFIG_FILE=/workspace/.delegate/tofu.tfrc".to_string()));
+        // A task cannot point tofu at a CLI configuration of its own (one with `direct`) when
+        // the pool has a mirror; without a mirror it may.
+        let mut s = spec(Op::Plan);
+        s.env
+            .insert("TF_CLI_CONFIG_FILE".into(), "/workspace/mine.tfrc".into());
+        assert_eq!(
+            build_env(&s, None, false, &mirror.env),
+            Err(StepError::ReservedEnv("TF_CLI_CONFIG_FILE".into()))
+        );
+        assert!(build_env(&s, None, false, &[]).is_ok());
     }
 
     #[test]
@@ -635,7 +658,7 @@ mod tests {
         let mut s = spec(Op::Plan);
         s.env.insert("TOKEN".into(), "plain".into());
         s.secrets.0.insert("TOKEN".into(), "secret".into());
-        let env = build_env(&s, None, false).unwrap();
+        let env = build_env(&s, None, false, &[]).unwrap();
         assert!(env.contains(&"TOKEN=secret".to_string()));
         assert!(!env.contains(&"TOKEN=plain".to_string()));
     }
