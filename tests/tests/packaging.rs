@@ -629,6 +629,8 @@ fn deb_builds_installs_runs_and_purges() {
     let depends = field(&deb, "Depends");
     assert!(depends.contains("libc6"), "{depends}");
     assert!(depends.contains("systemd-sysusers"), "{depends}");
+    // The egress host firewall's tool (the unit grants CAP_NET_ADMIN for it).
+    assert!(depends.contains("nftables | iptables"), "{depends}");
     assert!(
         !depends.contains("docker"),
         "Docker is recommended, not required: {depends}"
@@ -1189,6 +1191,27 @@ fn compose_file_is_valid_and_runs_the_agent_locked_down() {
     );
     assert_eq!(agent["stop_grace_period"].as_str(), Some("15m"));
     assert!(agent["privileged"].is_null());
+    // No nft/iptables in the image and no capabilities: the per-task host firewall is off, and
+    // the README says what isolates the task bridges instead.
+    assert_eq!(
+        agent["environment"]["DELEGATE_EGRESS__FIREWALL"].as_str(),
+        Some("off")
+    );
+    assert!(read("packaging/compose/README.md").contains("node-firewall.nft"));
+}
+
+/// The node-level rules the container layouts (firewall off) rely on are valid nftables.
+#[test]
+fn node_firewall_rules_pass_nft_check() {
+    let out = run(Command::new("nft")
+        .arg("-c")
+        .arg("-f")
+        .arg(repo().join("packaging/k8s/node-firewall.nft")));
+    assert!(
+        out.status.success(),
+        "nft -c -f packaging/k8s/node-firewall.nft (needs nftables and root): {}",
+        both(&out)
+    );
 }
 
 /// "10m" / "90s" / "1h" to seconds (the forms the manifests use).
@@ -1280,6 +1303,7 @@ fn kubernetes_runner_pool_is_structurally_sound() {
         strs(&agent["args"]),
         ["run", "--config", "/etc/delegate/agent.toml"]
     );
+    let scratch = tempfile::tempdir().unwrap();
     for probe in ["readinessProbe", "livenessProbe"] {
         let cmd = strs(&agent[probe]["exec"]["command"]);
         assert_eq!(
@@ -1292,6 +1316,27 @@ fn kubernetes_runner_pool_is_structurally_sound() {
             "{probe}"
         );
         assert!(agent[probe]["periodSeconds"].as_u64().is_some(), "{probe}");
+        // The built agent accepts these arguments: a missing config is a failing check (1), not
+        // a usage error (2), which would fail the probe forever.
+        let missing = scratch.path().join("agent.toml");
+        let args: Vec<String> = cmd[1..]
+            .iter()
+            .map(|a| {
+                if a == "/etc/delegate/agent.toml" {
+                    missing.display().to_string()
+                } else {
+                    a.clone()
+                }
+            })
+            .collect();
+        let out = run(clean_cmd(bin("delegate")).args(&args));
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{probe} {args:?}: {}",
+            both(&out)
+        );
+        assert!(both(&out).contains("FAIL  config"), "{}", both(&out));
     }
 
     // Volumes: every mount names a declared volume; the socket is a hostPath of type Socket.
@@ -1388,6 +1433,44 @@ fn kubernetes_runner_pool_is_structurally_sound() {
         arg_after("--token"),
         format!("$({})", token_env["name"].as_str().unwrap())
     );
+    // --url is the HTTPS API (where the CSR goes), not the agent's wss:// endpoint.
+    let url_var = arg_after("--url");
+    let url_env = enroll["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| format!("$({})", e["name"].as_str().unwrap()) == url_var)
+        .expect("--url comes from an env variable");
+    let url_ref = &url_env["valueFrom"]["configMapKeyRef"];
+    let enroll_url = data_of("ConfigMap", url_ref["name"].as_str().unwrap())
+        [url_ref["key"].as_str().unwrap()]
+    .clone();
+    assert!(enroll_url.starts_with("https://"), "{enroll_url}");
+    // The built agent accepts the init container's arguments (with the variables filled in): an
+    // unreachable control plane is exit 1, a usage error would be 2.
+    let filled: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if a == &url_var {
+                "https://127.0.0.1:1".to_string()
+            } else if a.starts_with("$(") && a.contains("SHA256") {
+                "0".repeat(64)
+            } else if a.starts_with("$(") {
+                "pod-1".to_string()
+            } else if a == "/var/lib/delegate/tls" {
+                scratch.path().join("tls").display().to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    let out = run(clean_cmd(bin("delegate")).args(&filled));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "enroll {filled:?}: {}",
+        both(&out)
+    );
 
     // The agent config: certificates where enroll writes them, state on the mounted volume, and a
     // drain that fits the termination grace period.
@@ -1396,9 +1479,22 @@ fn kubernetes_runner_pool_is_structurally_sound() {
         .parse()
         .expect("agent.toml in the ConfigMap");
     let data_dir = cfg["data_dir"].as_str().unwrap();
+    // On a mounted volume, but not its root: the agent creates data_dir 0700, while an emptyDir's
+    // root is 0777, which `doctor` (the probes) fails.
     assert!(
-        mounts.contains_key(data_dir),
-        "data_dir {data_dir} is a mounted volume"
+        mounts
+            .keys()
+            .any(|m| Path::new(data_dir).parent() == Some(Path::new(m))),
+        "data_dir {data_dir} is a directory in a mounted volume"
+    );
+    assert!(pod["securityContext"]["fsGroup"].is_null(), "fsGroup");
+    // The same decision as the compose sidecar: the per-task host firewall is off (no tool, no
+    // capability in the pod), the node's rules and the README take over.
+    assert_eq!(cfg["egress"]["firewall"].as_str(), Some("off"));
+    let readme = read("packaging/k8s/README.md");
+    assert!(
+        readme.contains("node-firewall.nft") && readme.contains("NetworkPolicy"),
+        "packaging/k8s/README.md explains the firewall decision"
     );
     let out_dir = arg_after("--out");
     for key in ["ca_file", "cert_file", "key_file"] {
