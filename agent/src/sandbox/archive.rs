@@ -974,4 +974,30 @@ pub(crate) mod tests {
         assert_eq!(plan.6, b"plan");
         assert_eq!((plan.2, plan.3), (SANDBOX_UID, SANDBOX_GID));
     }
+
+    #[test]
+    fn the_mirror_cli_config_is_the_agents_to_write() {
+        // A workspace cannot bring its own: the name is under the reserved `.delegate/`.
+        let e = normalise(
+            &tar_gz(&[E::File(crate::mirror::CLI_CONFIG_REL, b"direct {}")]),
+            &LIMITS,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("reserved"), "{e}");
+        // The agent's goes in next to the plan file, readable by the sandbox user.
+        let mut ws = normalise(&tar_gz(&[E::File("main.tf", b"")]), &LIMITS).unwrap();
+        let setup = crate::mirror::setup(&crate::mirror::ProviderMirror::Network(
+            "https://mirror.internal/providers/".into(),
+        ));
+        ws.add_file(".delegate/plan.tfplan", b"plan").unwrap();
+        ws.add_file(crate::mirror::CLI_CONFIG_REL, setup.content.as_bytes())
+            .unwrap();
+        let listed = list(&ws.into_tar().unwrap());
+        let rc = listed
+            .iter()
+            .find(|l| format!("/{}", l.0) == setup.file_path)
+            .unwrap();
+        assert_eq!(rc.6, setup.content.as_bytes());
+        assert_eq!((rc.2, rc.3), (SANDBOX_UID, SANDBOX_GID));
+    }
 }

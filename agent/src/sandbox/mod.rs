@@ -1055,6 +1055,22 @@ mod tests {
         assert_eq!(s.max_archive_bytes, 64 * 1024 * 1024);
         assert_eq!(s.max_unpacked_bytes, 512 * 1024 * 1024);
         assert_eq!(s.max_files, 20_000);
+        assert_eq!(s.provider_mirror, None);
+        assert_eq!(s.mirror(), None);
+        assert!(SandboxSettings::mirror_env(s.mirror().as_ref()).is_empty());
+        let s = SandboxSettings {
+            provider_mirror: Some(crate::mirror::ProviderMirror::Filesystem(
+                "/srv/providers".into(),
+            )),
+            ..SandboxSettings::default()
+        };
+        let m = s.mirror().unwrap();
+        let names: Vec<&str> = SandboxSettings::mirror_env(Some(&m))
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect();
+        assert_eq!(names, ["TF_CLI_CONFIG_FILE", "TOFU_CLI_CONFIG_FILE"]);
+        assert_eq!(m.ro_mounts.len(), 1);
     }
 
     #[test]
