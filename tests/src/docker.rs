@@ -1,5 +1,6 @@
-//! Docker helpers for tests: the sandbox image from the tofu/terraform on PATH, and label-based
-//! cleanup that runs pass or fail.
+//! Docker helpers for tests: the sandbox image from the tofu/terraform on PATH, small local images
+//! built from an in-memory context (removed on drop), and label-based cleanup that runs pass or
+//! fail.
 
 use crate::process::bin;
 use crate::RUN_LABEL;
@@ -121,5 +122,85 @@ impl Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         self.remove_all();
+    }
+}
+
+/// A build context assembled in memory, for the small local images some tests build (never pulled
+/// from or pushed to a registry).
+pub struct BuildContext {
+    tar: tar::Builder<Vec<u8>>,
+}
+
+impl Default for BuildContext {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BuildContext {
+    pub fn new() -> BuildContext {
+        BuildContext {
+            tar: tar::Builder::new(Vec::new()),
+        }
+    }
+
+    /// A regular file at `path` with `mode`.
+    pub fn file(&mut self, path: &str, data: &[u8], mode: u32) -> &mut Self {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        h.set_entry_type(tar::EntryType::Regular);
+        self.tar.append_data(&mut h, path, data).unwrap();
+        self
+    }
+
+    /// A symbolic link at `path` pointing to `target`.
+    pub fn symlink(&mut self, path: &str, target: &str) -> &mut Self {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        self.tar.append_link(&mut h, path, target).unwrap();
+        self
+    }
+
+    /// `docker build -q -t TAG -` of this context (which must hold a `Dockerfile`); `classic` uses
+    /// the classic builder (`DOCKER_BUILDKIT=0`), which takes a local base image as it is and never
+    /// asks a registry. Panics with `what` and Docker's stderr on failure. The image is removed
+    /// when the returned value is dropped.
+    pub fn build(self, tag: &str, classic: bool, what: &str) -> Image {
+        let context = self.tar.into_inner().unwrap();
+        let mut cmd = Command::new("docker");
+        cmd.args(["build", "-q", "-t", tag, "-"]);
+        if classic {
+            cmd.env("DOCKER_BUILDKIT", "0");
+        }
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), &context).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "building {what} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Image { tag: tag.into() }
+    }
+}
+
+/// A locally built image, removed (`docker rmi -f`) on drop.
+pub struct Image {
+    pub tag: String,
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rmi", "-f", &self.tag])
+            .output();
     }
 }

@@ -134,6 +134,59 @@ impl Fleet {
     pub fn leftovers(&self) -> Vec<String> {
         crate::docker::labelled(&self.run)
     }
+
+    /// Wait up to a minute for this run's Docker objects to be gone; panics listing what is left.
+    pub async fn no_leftovers(&self) {
+        for _ in 0..240 {
+            if self.leftovers().is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!(
+            "labelled Docker objects left behind: {:?}",
+            self.leftovers()
+        );
+    }
+
+    /// A workspace `name` under the control plane's directory holding `files` (name, content).
+    pub fn write_workspace(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let dir = self.cp.path().join("workspaces").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (file, content) in files {
+            std::fs::write(dir.join(file), content).unwrap();
+        }
+        dir
+    }
+
+    /// The control plane's audit records of a task's egress decisions
+    /// (`delegate-cp audit --task ID --json`, actions `egress.*`).
+    pub fn egress_audit(&self, task: &str) -> Vec<Value> {
+        match self.cp.cli_json(&["audit", "--task", task, "--json"]) {
+            Value::Array(a) => a
+                .into_iter()
+                .filter(|r| {
+                    r["action"]
+                        .as_str()
+                        .is_some_and(|a| a.starts_with("egress."))
+                })
+                .collect(),
+            other => panic!("audit --json is not an array: {other}"),
+        }
+    }
+}
+
+/// The egress events of a task, from its `show --json`.
+pub fn egress_events(shown: &Value) -> Vec<Value> {
+    shown["events"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .map(|e| e["event"].clone())
+                .filter(|e| e["kind"] == "egress")
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Compare two task logs; on a difference, panic with the first differing line only (task logs are

@@ -3,7 +3,8 @@
 //! build the sandbox image from the tofu/terraform found on PATH, and clean up every Docker object a
 //! test run created (by label), pass or fail.
 //!
-//! These helpers never talk to anything but loopback and the project's own containers.
+//! These helpers never talk to anything but loopback and the project's own containers (`upstream`:
+//! a container of the run on no Docker network, reached over a veth pair the test creates).
 
 pub mod api;
 pub mod certs;
@@ -11,6 +12,7 @@ pub mod docker;
 pub mod fleet;
 pub mod net;
 pub mod process;
+pub mod upstream;
 
 pub use process::{ControlPlane, RunningAgent};
 

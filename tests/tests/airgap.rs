@@ -12,34 +12,31 @@
 //! - Filesystem mirror: a directory on the host, in the unpacked layout, named by
 //!   `[sandbox] provider_filesystem_mirror`; the agent mounts it read-only into the steps. The
 //!   egress allowlist is empty, and the task has no egress event at all.
-//! - Network mirror: the project's own container (no Docker network; an address in
-//!   198.18.0.0/15 over a veth pair, as in `egress.rs`) serves the network mirror protocol over
-//!   HTTPS with a certificate from a test CA; the sandbox image used here is the test image plus
-//!   that CA as its bundle (what `delegate sandbox build-image` does with the host's bundle). The
-//!   allowlist holds only the mirror; every egress event of the task is an allowed connection to
-//!   it, and the mirror saw only the provider's index, version document and archive.
+//! - Network mirror: the project's own container (no Docker network; an address in 198.18.0.0/15
+//!   over a veth pair, as in `egress.rs`: `delegate_tests::upstream`) serves the network mirror
+//!   protocol over HTTPS with a certificate from a test CA; the sandbox image used here is the test
+//!   image plus that CA as its bundle (what `delegate sandbox build-image` does with the host's
+//!   bundle). The allowlist holds only the mirror; every egress event of the task is an allowed
+//!   connection to it, and the mirror saw only the provider's index, version document and archive.
 //!
 //! Needs root (veth, namespaces), Docker and `/bin/busybox` (Debian `busybox-static`, installed by
 //! `.ci/install-deps`) for the mirror container's `sleep`.
 
-use delegate_tests::docker::sandbox_image;
-use delegate_tests::fleet::Fleet;
+use delegate_tests::docker::{sandbox_image, BuildContext, Image};
+use delegate_tests::fleet::{egress_events, Fleet};
 use delegate_tests::process::table;
+use delegate_tests::upstream::{busybox, Upstream};
 use delegate_tests::RUN_LABEL;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::Ipv4Addr;
-use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-const BUSYBOX: &str = "/bin/busybox";
 /// The fake provider's executable: data, never a working provider.
 const FAKE_PROVIDER: &[u8] =
     b"#!/bin/sh\n# Not a provider: a package for the Delegate air-gap tests to install.\nexit 1\n";
@@ -77,52 +74,14 @@ const MISSING_WORKSPACE: &str = r#"terraform {
 }
 "#;
 
-fn write_workspace(dir: &Path, main_tf: &str) {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("main.tf"), main_tf).unwrap();
-}
-
-/// The task's egress events.
-fn egress_events(shown: &Value) -> Vec<Value> {
-    shown["events"]
-        .as_array()
-        .map(|v| {
-            v.iter()
-                .map(|e| e["event"].clone())
-                .filter(|e| e["kind"] == "egress")
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The control plane's audit records of a task's egress decisions.
-fn egress_audit(f: &Fleet, task: &str) -> Vec<Value> {
-    match f.cp.cli_json(&["audit", "--task", task, "--json"]) {
-        Value::Array(a) => a
-            .into_iter()
-            .filter(|r| {
-                r["action"]
-                    .as_str()
-                    .is_some_and(|a| a.starts_with("egress."))
-            })
-            .collect(),
-        other => panic!("audit --json is not an array: {other}"),
-    }
-}
-
-async fn no_leftovers(f: &Fleet) {
-    for _ in 0..240 {
-        if f.leftovers().is_empty() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    panic!("labelled Docker objects left behind: {:?}", f.leftovers());
-}
-
-/// The task failed at `validate`, after `init` succeeded: the fake package is not a provider.
-fn failed_after_init(f: &Fleet, id: &str, shown: &Value) -> String {
-    let logs = f.logs(id);
+/// Submit `validate` of a workspace requiring the fake provider, and insist the task failed at
+/// `validate`, after `init` succeeded: the fake package is not a provider. Prints the logs;
+/// returns the task's id, `show --json` and logs.
+async fn installed_then_validate_fails(f: &Fleet) -> (String, Value, String) {
+    let ws = f.write_workspace("fake", &[("main.tf", FAKE_WORKSPACE)]);
+    let id = f.submit(&ws, &["--op", "validate"]);
+    let shown = f.finished(&id).await;
+    let logs = f.logs(&id);
     assert_eq!(shown["outcome"], "failed", "{shown:#}\n{logs}");
     let reason = shown["reason"].as_str().unwrap_or_default();
     assert!(
@@ -136,7 +95,25 @@ fn failed_after_init(f: &Fleet, id: &str, shown: &Value) -> String {
         logs.contains("registry.terraform.io/example/fake"),
         "{logs}"
     );
-    logs
+    println!("{logs}");
+    (id, shown, logs)
+}
+
+/// Submit `validate` of a workspace requiring a provider no mirror here has, and insist it failed
+/// at `init`; returns the task's `show --json` and its logs.
+async fn missing_provider_fails_init(f: &Fleet) -> (Value, String) {
+    let ws = f.write_workspace("missing", &[("main.tf", MISSING_WORKSPACE)]);
+    let id = f.submit(&ws, &["--op", "validate"]);
+    let shown = f.finished(&id).await;
+    let logs = f.logs(&id);
+    assert_eq!(shown["outcome"], "failed", "{shown:#}");
+    assert!(
+        shown["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("step `init` exited with code 1")),
+        "{shown:#}\n{logs}"
+    );
+    (shown, logs)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -179,12 +156,7 @@ async fn init_installs_from_a_filesystem_mirror_with_no_egress_at_all() {
     .await;
 
     // A provider in the mirror: installed by init from there.
-    let ws = f.cp.path().join("workspaces").join("fake");
-    write_workspace(&ws, FAKE_WORKSPACE);
-    let id = f.submit(&ws, &["--op", "validate"]);
-    let shown = f.finished(&id).await;
-    let logs = failed_after_init(&f, &id, &shown);
-    println!("{logs}");
+    let (id, shown, logs) = installed_then_validate_fails(&f).await;
     // Unpacked layout: installed as a link into the read-only mount, not copied.
     assert!(
         logs.contains("/delegate/providers/registry.terraform.io/example/fake")
@@ -192,23 +164,12 @@ async fn init_installs_from_a_filesystem_mirror_with_no_egress_at_all() {
         "{logs}"
     );
     assert_eq!(egress_events(&shown), Vec::<Value>::new(), "{shown:#}");
-    assert_eq!(egress_audit(&f, &id), Vec::<Value>::new());
+    assert_eq!(f.egress_audit(&id), Vec::<Value>::new());
 
     // A provider the mirror lacks: init fails with tofu's own message naming the mirror, and
     // still nothing tried to leave (no attempt at the public registry, unlike without a mirror;
     // see egress.rs).
-    let ws = f.cp.path().join("workspaces").join("missing");
-    write_workspace(&ws, MISSING_WORKSPACE);
-    let id = f.submit(&ws, &["--op", "validate"]);
-    let shown = f.finished(&id).await;
-    let logs = f.logs(&id);
-    assert_eq!(shown["outcome"], "failed", "{shown:#}");
-    assert!(
-        shown["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("step `init` exited with code 1")),
-        "{shown:#}"
-    );
+    let (shown, logs) = missing_provider_fails_init(&f).await;
     assert!(
         logs.contains("registry.terraform.io/hashicorp/null was not found")
             && logs.contains("/delegate/providers"),
@@ -228,7 +189,7 @@ async fn init_installs_from_a_filesystem_mirror_with_no_egress_at_all() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(entries, ["registry.terraform.io"]);
-    no_leftovers(&f).await;
+    f.no_leftovers().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -319,192 +280,50 @@ fn network_mirror_files() -> BTreeMap<String, (&'static str, Vec<u8>)> {
 
 /// The sandbox image of the network test: the test image with the test CA as its CA bundle (and
 /// busybox, for the mirror container's `sleep`). Removed on drop.
-struct MirrorImage {
-    tag: String,
-}
-
-impl MirrorImage {
-    fn build(run: &str, ca_pem: &str) -> MirrorImage {
-        let base = sandbox_image();
-        let busybox = std::fs::read(BUSYBOX).unwrap_or_else(|e| {
-            panic!("{BUSYBOX} is needed (Debian busybox-static, see .ci/install-deps): {e}")
-        });
-        let tag = format!("delegate-airgap-sandbox:{run}");
-        let dockerfile = format!(
-            "FROM {base}\nCOPY ca.pem /etc/ssl/certs/ca-certificates.crt\nCOPY busybox /bin/busybox\n\
-             LABEL {RUN_LABEL}={run}\n"
-        );
-        let mut tar = tar::Builder::new(Vec::new());
-        for (path, data, mode) in [
-            ("Dockerfile", dockerfile.as_bytes(), 0o644),
-            ("ca.pem", ca_pem.as_bytes(), 0o644),
-            ("busybox", &busybox[..], 0o755),
-        ] {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(mode);
-            h.set_entry_type(tar::EntryType::Regular);
-            tar.append_data(&mut h, path, data).unwrap();
-        }
-        let context = tar.into_inner().unwrap();
-        // The classic builder: it uses the local base image and never asks a registry.
-        let mut child = Command::new("docker")
-            .args(["build", "-q", "-t", &tag, "-"])
-            .env("DOCKER_BUILDKIT", "0")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(&context).unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "building the mirror test image failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        MirrorImage { tag }
-    }
-}
-
-impl Drop for MirrorImage {
-    fn drop(&mut self) {
-        let _ = Command::new("docker")
-            .args(["rmi", "-f", &self.tag])
-            .output();
-    }
-}
-
-fn sh(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+fn mirror_image(run: &str, ca_pem: &str) -> Image {
+    let base = sandbox_image();
+    let busybox = busybox();
+    let tag = format!("delegate-airgap-sandbox:{run}");
+    let dockerfile = format!(
+        "FROM {base}\nCOPY ca.pem /etc/ssl/certs/ca-certificates.crt\nCOPY busybox /bin/busybox\n\
+         LABEL {RUN_LABEL}={run}\n"
     );
+    let mut context = BuildContext::new();
+    context
+        .file("Dockerfile", dockerfile.as_bytes(), 0o644)
+        .file("ca.pem", ca_pem.as_bytes(), 0o644)
+        .file("busybox", &busybox, 0o755);
+    // The classic builder: it uses the local base image and never asks a registry.
+    context.build(&tag, true, "the mirror test image")
 }
 
-fn random_u32() -> u32 {
-    u32::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..4].try_into().unwrap())
-}
-
-/// The mirror server: a container without a Docker network, reached over a veth pair at an
-/// address of 198.18.0.0/15, with the test's HTTPS server bound (port 443) inside its network
-/// namespace. The container carries the run label; the veth goes with its namespace.
+/// The mirror server: the upstream container (see `delegate_tests::upstream`) with the test's
+/// HTTPS server bound (port 443) inside its network namespace. Removed on drop.
 struct MirrorServer {
-    container: String,
-    veth: String,
+    ns: Upstream,
     /// Request paths served, in order.
     seen: Arc<Mutex<Vec<String>>>,
 }
 
 impl MirrorServer {
-    /// Pick the address first (the agent's configuration names it), start later.
-    fn address() -> (Ipv4Addr, Ipv4Addr) {
-        let n = random_u32();
-        let base = u32::from(Ipv4Addr::new(198, 18, 0, 0)) + ((n % 32768) << 2);
-        (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2))
-    }
-
-    async fn start(
+    fn start(
         run: &str,
         image: &str,
         host_ip: Ipv4Addr,
         ip: Ipv4Addr,
         tls: Arc<rustls::ServerConfig>,
     ) -> MirrorServer {
-        let name = format!("delegate-airgap-mirror-{run}");
-        let label = format!("{RUN_LABEL}={run}");
-        sh(
-            "docker",
-            &[
-                "run",
-                "-d",
-                "--name",
-                &name,
-                "--label",
-                &label,
-                "--network",
-                "none",
-                "--entrypoint",
-                "/bin/busybox",
-                image,
-                "sleep",
-                "3600",
-            ],
-        );
-        let pid = Command::new("docker")
-            .args(["inspect", "-f", "{{.State.Pid}}", &name])
-            .output()
-            .unwrap();
-        let pid = String::from_utf8_lossy(&pid.stdout).trim().to_string();
-        assert!(pid.parse::<u32>().is_ok_and(|p| p > 0), "pid {pid:?}");
-        let tag = format!("{:06x}", random_u32() & 0xff_ffff);
-        let (veth, peer) = (format!("dlau{tag}"), format!("dlac{tag}"));
         let server = MirrorServer {
-            container: name,
-            veth: veth.clone(),
+            ns: Upstream::start(run, "airgap-mirror", image, host_ip, ip),
             seen: Arc::new(Mutex::new(Vec::new())),
         };
-        let netns = format!("--net=/proc/{pid}/ns/net");
-        sh(
-            "ip",
-            &["link", "add", &veth, "type", "veth", "peer", "name", &peer],
-        );
-        sh("ip", &["link", "set", &peer, "netns", &pid]);
-        sh(
-            "ip",
-            &["addr", "add", &format!("{host_ip}/30"), "dev", &veth],
-        );
-        sh("ip", &["link", "set", &veth, "up"]);
-        let inside = |args: &[&str]| {
-            let mut all = vec![netns.as_str(), "ip"];
-            all.extend_from_slice(args);
-            sh("nsenter", &all);
-        };
-        inside(&["addr", "add", &format!("{ip}/30"), "dev", &peer]);
-        inside(&["link", "set", &peer, "up"]);
-        inside(&["link", "set", "lo", "up"]);
-
-        // Bind inside the container's namespace from a thread that enters it; the socket stays
-        // there when the thread ends.
-        let ns_path = format!("/proc/{pid}/ns/net");
-        let listener = std::thread::spawn(move || {
-            let ns = std::fs::File::open(ns_path).unwrap();
-            rustix::thread::move_into_link_name_space(
-                ns.as_fd(),
-                Some(rustix::thread::LinkNameSpaceType::Network),
-            )
-            .unwrap();
-            let l = std::net::TcpListener::bind(("0.0.0.0", 443)).unwrap();
-            l.set_nonblocking(true).unwrap();
-            l
-        })
-        .join()
-        .unwrap();
         tokio::spawn(serve_mirror(
-            TcpListener::from_std(listener).unwrap(),
+            server.ns.listen(443),
             tokio_rustls::TlsAcceptor::from(tls),
             Arc::new(network_mirror_files()),
             server.seen.clone(),
         ));
         server
-    }
-
-    fn stop(&mut self) {
-        let _ = Command::new("docker")
-            .args(["rm", "-f", &self.container])
-            .output();
-        // Gone with the namespace already; this only covers a container that would not die.
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.veth])
-            .output();
-    }
-}
-
-impl Drop for MirrorServer {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
@@ -577,8 +396,8 @@ async fn init_installs_from_a_network_mirror_and_reaches_nothing_else() {
         &[&rustls::version::TLS13, &rustls::version::TLS12],
     );
     let image_run = delegate_tests::run_id();
-    let image = MirrorImage::build(&image_run, &ca.0.pem());
-    let (host_side, mirror_ip) = MirrorServer::address();
+    let image = mirror_image(&image_run, &ca.0.pem());
+    let (host_side, mirror_ip) = Upstream::address();
     let tag = image.tag.clone();
     let f = Fleet::start_with(&["airgap-net"], 1, |doc| {
         let sb = table(doc, "sandbox");
@@ -600,14 +419,9 @@ async fn init_installs_from_a_network_mirror_and_reaches_nothing_else() {
         egress.insert("hosts".into(), toml::Value::Table(hosts));
     })
     .await;
-    let mut server = MirrorServer::start(&f.run, &image.tag, host_side, mirror_ip, tls).await;
+    let mut server = MirrorServer::start(&f.run, &image.tag, host_side, mirror_ip, tls);
 
-    let ws = f.cp.path().join("workspaces").join("fake");
-    write_workspace(&ws, FAKE_WORKSPACE);
-    let id = f.submit(&ws, &["--op", "validate"]);
-    let shown = f.finished(&id).await;
-    let logs = failed_after_init(&f, &id, &shown);
-    println!("{logs}");
+    let (id, shown, logs) = installed_then_validate_fails(&f).await;
     // tofu checked the archive against the mirror's `zh:` hash.
     assert!(
         logs.contains("Installed example/fake v0.1.0 (verified checksum)"),
@@ -634,7 +448,7 @@ async fn init_installs_from_a_network_mirror_and_reaches_nothing_else() {
         assert_eq!(e["allowed"], true, "{e}");
         assert_eq!(e["address"], format!("{mirror_ip}:443"), "{e}");
     }
-    let audit = egress_audit(&f, &id);
+    let audit = f.egress_audit(&id);
     assert_eq!(audit.len(), events.len(), "{audit:#?}");
     assert!(audit.iter().all(|r| r["action"] == "egress.allowed"
         && r["detail"]
@@ -643,18 +457,7 @@ async fn init_installs_from_a_network_mirror_and_reaches_nothing_else() {
 
     // A provider the mirror lacks: init fails on the mirror's answer (404 for its index), and
     // the only egress is again the mirror.
-    let ws = f.cp.path().join("workspaces").join("missing");
-    write_workspace(&ws, MISSING_WORKSPACE);
-    let id = f.submit(&ws, &["--op", "validate"]);
-    let shown = f.finished(&id).await;
-    let logs = f.logs(&id);
-    assert_eq!(shown["outcome"], "failed", "{shown:#}");
-    assert!(
-        shown["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("step `init` exited with code 1")),
-        "{shown:#}\n{logs}"
-    );
+    let (shown, logs) = missing_provider_fails_init(&f).await;
     assert!(logs.contains("hashicorp/null"), "{logs}");
     let events = egress_events(&shown);
     assert!(
@@ -669,6 +472,6 @@ async fn init_installs_from_a_network_mirror_and_reaches_nothing_else() {
         .unwrap()
         .contains(&"/providers/registry.terraform.io/hashicorp/null/index.json".to_string()));
 
-    server.stop();
-    no_leftovers(&f).await;
+    server.ns.stop();
+    f.no_leftovers().await;
 }

@@ -10,33 +10,31 @@
 //!
 //! The upstreams are the project's own: a Docker container with no Docker network (so its address
 //! is neither a host address nor a Docker subnet, like a mirror elsewhere in a private network),
-//! given an address in 198.18.0.0/15 (the benchmarking range, never routed) through a veth pair
-//! the test creates. Inside that container's network namespace the test binds its HTTP server
-//! (port 80) and runs `openssl s_server` for TLS (port 443): busybox's TLS client sends no
-//! signature_algorithms extension, so the server must accept SHA-1 handshake signatures, which
-//! rustls rightly never does — hence openssl at `SECLEVEL=0`, for this test server only. Names
-//! reach the upstream only through the agent's `egress.hosts`, so nothing is ever asked of DNS,
-//! and nothing leaves this host: the other addresses the probes try are refused by the proxy
-//! before any connection, or rejected by the host firewall on their way out.
+//! given an address in 198.18.0.0/15 (the benchmarking range, never routed) through a veth pair the
+//! test creates (`delegate_tests::upstream`). Inside that container's network namespace the test
+//! binds its HTTP server (port 80) and runs `openssl s_server` for TLS (port 443): busybox's TLS
+//! client sends no signature_algorithms extension, so the server must accept SHA-1 handshake
+//! signatures, which rustls rightly never does — hence openssl at `SECLEVEL=0`, for this test
+//! server only. Names reach the upstream only through the agent's `egress.hosts`, so nothing is
+//! ever asked of DNS, and nothing leaves this host: the other addresses the probes try are refused
+//! by the proxy before any connection, or rejected by the host firewall on their way out.
 //!
 //! Needs root (veth, namespaces, nftables), Docker, `openssl` and `/bin/busybox` (Debian
 //! `busybox-static`; both installed by `.ci/install-deps`).
 
-use delegate_tests::fleet::Fleet;
+use delegate_tests::docker::{BuildContext, Image};
+use delegate_tests::fleet::{egress_events, Fleet};
 use delegate_tests::process::table;
+use delegate_tests::upstream::{busybox, Upstream, BUSYBOX};
 use delegate_tests::RUN_LABEL;
 use serde_json::Value;
-use std::io::Write;
 use std::net::Ipv4Addr;
-use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-
-const BUSYBOX: &str = "/bin/busybox";
 
 /// The probe image's entry point: the agent calls it as it would call tofu.
 const ENTRY: &str = r#"#!/bin/sh
@@ -108,80 +106,25 @@ echo "ssl_client exit $?" >&2
 "#;
 
 /// The probe image, removed on drop.
-struct ProbeImage {
-    tag: String,
-}
-
-impl ProbeImage {
-    fn build(run: &str) -> ProbeImage {
-        let busybox = std::fs::read(BUSYBOX).unwrap_or_else(|e| {
-            panic!("{BUSYBOX} is needed (Debian busybox-static, see .ci/install-deps): {e}")
-        });
-        let applets = Command::new(BUSYBOX).arg("--list").output().unwrap();
-        let applets = String::from_utf8_lossy(&applets.stdout).into_owned();
-        let tag = format!("delegate-egress-probe:{run}");
-        let dockerfile =
-            format!("FROM scratch\nCOPY . /\nLABEL io.delegate.binary=/probe {RUN_LABEL}={run}\n");
-        let mut tar = tar::Builder::new(Vec::new());
-        let mut add = |path: &str, data: &[u8], mode: u32| {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(mode);
-            h.set_entry_type(tar::EntryType::Regular);
-            tar.append_data(&mut h, path, data).unwrap();
-        };
-        add("Dockerfile", dockerfile.as_bytes(), 0o644);
-        add("bin/busybox", &busybox, 0o755);
-        add("probe", ENTRY.as_bytes(), 0o755);
-        for applet in applets.lines().map(str::trim) {
-            if applet.is_empty() || applet == "busybox" || applet.contains('/') {
-                continue;
-            }
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(tar::EntryType::Symlink);
-            h.set_size(0);
-            h.set_mode(0o777);
-            tar.append_link(&mut h, format!("bin/{applet}"), "busybox")
-                .unwrap();
+fn probe_image(run: &str) -> Image {
+    let busybox = busybox();
+    let applets = Command::new(BUSYBOX).arg("--list").output().unwrap();
+    let applets = String::from_utf8_lossy(&applets.stdout).into_owned();
+    let tag = format!("delegate-egress-probe:{run}");
+    let dockerfile =
+        format!("FROM scratch\nCOPY . /\nLABEL io.delegate.binary=/probe {RUN_LABEL}={run}\n");
+    let mut context = BuildContext::new();
+    context
+        .file("Dockerfile", dockerfile.as_bytes(), 0o644)
+        .file("bin/busybox", &busybox, 0o755)
+        .file("probe", ENTRY.as_bytes(), 0o755);
+    for applet in applets.lines().map(str::trim) {
+        if applet.is_empty() || applet == "busybox" || applet.contains('/') {
+            continue;
         }
-        let context = tar.into_inner().unwrap();
-        let mut child = Command::new("docker")
-            .args(["build", "-q", "-t", &tag, "-"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(&context).unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "building the probe image failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        ProbeImage { tag }
+        context.symlink(&format!("bin/{applet}"), "busybox");
     }
-}
-
-impl Drop for ProbeImage {
-    fn drop(&mut self) {
-        let _ = Command::new("docker")
-            .args(["rmi", "-f", &self.tag])
-            .output();
-    }
-}
-
-fn sh(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn random_u32() -> u32 {
-    u32::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..4].try_into().unwrap())
+    context.build(&tag, false, "the probe image")
 }
 
 /// The request lines the upstream HTTP server saw.
@@ -190,105 +133,29 @@ struct Seen {
     http: Vec<String>,
 }
 
-/// A container without a Docker network, reached over a veth pair at an address of
-/// 198.18.0.0/15, with the test's HTTP server (80) bound inside its network namespace and
-/// `openssl s_server` (443, a certificate for `tls.test`) running there. The container carries
-/// the run label; the veth goes with its namespace; the TLS server is killed on drop.
-struct Upstream {
-    container: String,
-    veth: String,
+/// The upstream container (see `delegate_tests::upstream`) with the test's HTTP server (80) bound
+/// inside its network namespace and `openssl s_server` (443, a certificate for `tls.test`) running
+/// there. The TLS server is killed, and the container removed, on drop.
+struct ProbeUpstream {
+    ns: Upstream,
     ip: Ipv4Addr,
     seen: Arc<Mutex<Seen>>,
     tls: Option<std::process::Child>,
     _files: tempfile::TempDir,
 }
 
-impl Upstream {
-    /// Pick the address first (the agent's configuration names it), start later.
-    fn address() -> (Ipv4Addr, Ipv4Addr) {
-        let n = random_u32();
-        // A /30 in 198.18.0.0/15: .1 on the host side, .2 in the container.
-        let base = u32::from(Ipv4Addr::new(198, 18, 0, 0)) + ((n % 32768) << 2);
-        (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2))
-    }
-
-    async fn start(run: &str, image: &str, host_ip: Ipv4Addr, ip: Ipv4Addr) -> Upstream {
-        let name = format!("delegate-egress-upstream-{run}");
-        let label = format!("{RUN_LABEL}={run}");
-        sh(
-            "docker",
-            &[
-                "run",
-                "-d",
-                "--name",
-                &name,
-                "--label",
-                &label,
-                "--network",
-                "none",
-                "--entrypoint",
-                "/bin/sleep",
-                image,
-                "3600",
-            ],
-        );
-        let pid = Command::new("docker")
-            .args(["inspect", "-f", "{{.State.Pid}}", &name])
-            .output()
-            .unwrap();
-        let pid = String::from_utf8_lossy(&pid.stdout).trim().to_string();
-        assert!(pid.parse::<u32>().is_ok_and(|p| p > 0), "pid {pid:?}");
-        let tag = format!("{:06x}", random_u32() & 0xff_ffff);
-        let (veth, peer) = (format!("dlgu{tag}"), format!("dlgc{tag}"));
+impl ProbeUpstream {
+    async fn start(run: &str, image: &str, host_ip: Ipv4Addr, ip: Ipv4Addr) -> ProbeUpstream {
+        let ns = Upstream::start(run, "egress-upstream", image, host_ip, ip);
         let files = tempfile::tempdir().unwrap();
-        let mut up = Upstream {
-            container: name,
-            veth: veth.clone(),
+        let mut up = ProbeUpstream {
+            ns,
             ip,
             seen: Arc::new(Mutex::new(Seen::default())),
             tls: None,
             _files: files,
         };
-        let netns = format!("--net=/proc/{pid}/ns/net");
-        sh(
-            "ip",
-            &["link", "add", &veth, "type", "veth", "peer", "name", &peer],
-        );
-        sh("ip", &["link", "set", &peer, "netns", &pid]);
-        sh(
-            "ip",
-            &["addr", "add", &format!("{host_ip}/30"), "dev", &veth],
-        );
-        sh("ip", &["link", "set", &veth, "up"]);
-        let inside = |args: &[&str]| {
-            let mut all = vec![netns.as_str(), "ip"];
-            all.extend_from_slice(args);
-            sh("nsenter", &all);
-        };
-        inside(&["addr", "add", &format!("{ip}/30"), "dev", &peer]);
-        inside(&["link", "set", &peer, "up"]);
-        inside(&["link", "set", "lo", "up"]);
-
-        // Bind the HTTP server inside the container's namespace from a thread that enters it;
-        // the socket stays there when the thread ends.
-        let ns_path = format!("/proc/{pid}/ns/net");
-        let listener = std::thread::spawn(move || {
-            let ns = std::fs::File::open(ns_path).unwrap();
-            rustix::thread::move_into_link_name_space(
-                ns.as_fd(),
-                Some(rustix::thread::LinkNameSpaceType::Network),
-            )
-            .unwrap();
-            let l = std::net::TcpListener::bind(("0.0.0.0", 80)).unwrap();
-            l.set_nonblocking(true).unwrap();
-            l
-        })
-        .join()
-        .unwrap();
-        tokio::spawn(serve_http(
-            TcpListener::from_std(listener).unwrap(),
-            up.seen.clone(),
-        ));
+        tokio::spawn(serve_http(up.ns.listen(80), up.seen.clone()));
 
         // The TLS server, in the same namespace.
         let dir = up._files.path();
@@ -296,8 +163,9 @@ impl Upstream {
         std::fs::write(dir.join("cert.pem"), certified.cert.pem()).unwrap();
         std::fs::write(dir.join("key.pem"), certified.key_pair.serialize_pem()).unwrap();
         std::fs::write(dir.join("tls-ok.txt"), "tls-upstream-ok\n").unwrap();
-        let child = Command::new("nsenter")
-            .arg(&netns)
+        let child = up
+            .ns
+            .nsenter()
             .args([
                 "openssl",
                 "s_server",
@@ -328,26 +196,18 @@ impl Upstream {
         }
         panic!("the TLS upstream did not start listening on {target}");
     }
-}
 
-impl Upstream {
     /// Stop the TLS server, remove the container (and with its namespace, the veth).
     fn stop(&mut self) {
         if let Some(mut c) = self.tls.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = Command::new("docker")
-            .args(["rm", "-f", &self.container])
-            .output();
-        // Gone with the namespace already; this only covers a container that would not die.
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.veth])
-            .output();
+        self.ns.stop();
     }
 }
 
-impl Drop for Upstream {
+impl Drop for ProbeUpstream {
     fn drop(&mut self) {
         self.stop();
     }
@@ -398,12 +258,6 @@ async fn host_service() -> (u16, Arc<Mutex<usize>>) {
     (port, count)
 }
 
-fn write_workspace(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("probe.sh"), PROBES).unwrap();
-    std::fs::write(dir.join("tls.sh"), TLS_SCRIPT).unwrap();
-}
-
 /// The agent's egress configuration for these tests.
 fn egress_config(doc: &mut toml::Table, upstream: Ipv4Addr) {
     let egress = table(doc, "egress");
@@ -445,37 +299,9 @@ fn probe<'a>(logs: &'a str, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {prefix} line in the logs:\n{logs}"))
 }
 
-/// The task's egress events.
-fn egress_events(shown: &Value) -> Vec<Value> {
-    shown["events"]
-        .as_array()
-        .map(|v| {
-            v.iter()
-                .map(|e| e["event"].clone())
-                .filter(|e| e["kind"] == "egress")
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The control plane's audit records of a task's egress decisions (`delegate-cp audit --task`).
-fn egress_audit(f: &Fleet, task: &str) -> Vec<Value> {
-    match f.cp.cli_json(&["audit", "--task", task, "--json"]) {
-        Value::Array(a) => a
-            .into_iter()
-            .filter(|r| {
-                r["action"]
-                    .as_str()
-                    .is_some_and(|a| a.starts_with("egress."))
-            })
-            .collect(),
-        other => panic!("audit --json is not an array: {other}"),
-    }
-}
-
 /// Every egress event of a task is one audit record naming its destination and outcome.
 fn audited_like_events(f: &Fleet, task: &str, events: &[Value]) {
-    let audit = egress_audit(f, task);
+    let audit = f.egress_audit(task);
     assert_eq!(audit.len(), events.len(), "{audit:#?}\n{events:#?}");
     for e in events {
         let action = if e["allowed"] == true {
@@ -516,16 +342,6 @@ fn denied<'a>(events: &'a [Value], destination: &str, needle: &str, logs: &str) 
     e
 }
 
-async fn no_leftovers(f: &Fleet) {
-    for _ in 0..240 {
-        if f.leftovers().is_empty() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    panic!("labelled Docker objects left behind: {:?}", f.leftovers());
-}
-
 /// The host firewall tables of these tasks' bridges still present (none may be).
 fn firewall_tables_of(tasks: &[&str]) -> Vec<String> {
     let out = Command::new("nft")
@@ -545,17 +361,17 @@ fn firewall_tables_of(tasks: &[&str]) -> Vec<String> {
 
 struct Setup {
     f: Fleet,
-    upstream: Upstream,
+    upstream: ProbeUpstream,
     ws: PathBuf,
     // Dropped last: the agent must be gone before its image.
-    _image: ProbeImage,
+    _image: Image,
 }
 
 /// `agent` must be unique among the tests of this file: they run at once on one Docker engine,
 /// and an agent starting up removes every object carrying its name that it does not know.
 async fn setup(agent: &str, slots: u32) -> Setup {
     let image_run = delegate_tests::run_id();
-    let image = ProbeImage::build(&image_run);
+    let image = probe_image(&image_run);
     let (host_side, upstream_ip) = Upstream::address();
     let tag = image.tag.clone();
     let f = Fleet::start_with(&[agent], slots, |doc| {
@@ -563,9 +379,8 @@ async fn setup(agent: &str, slots: u32) -> Setup {
         egress_config(doc, upstream_ip);
     })
     .await;
-    let upstream = Upstream::start(&f.run, &image.tag, host_side, upstream_ip).await;
-    let ws = f.cp.path().join("workspaces").join("probe");
-    write_workspace(&ws);
+    let upstream = ProbeUpstream::start(&f.run, &image.tag, host_side, upstream_ip).await;
+    let ws = f.write_workspace("probe", &[("probe.sh", PROBES), ("tls.sh", TLS_SCRIPT)]);
     Setup {
         f,
         upstream,
@@ -714,7 +529,7 @@ async fn a_sandbox_reaches_only_what_is_allowed_and_every_decision_is_audited() 
     audited_like_events(f, &id, &events);
 
     s.upstream.stop();
-    no_leftovers(f).await;
+    f.no_leftovers().await;
     let left = firewall_tables_of(&[&id]);
     assert!(left.is_empty(), "{left:?}");
 }
@@ -781,7 +596,7 @@ async fn a_task_cannot_use_another_tasks_credentials_or_proxy() {
     let shown = f.finished(&leaker).await;
     assert_eq!(shown["outcome"], "cancelled", "{shown:#}");
     s.upstream.stop();
-    no_leftovers(f).await;
+    f.no_leftovers().await;
     let left = firewall_tables_of(&[&leaker, &thief]);
     assert!(left.is_empty(), "{left:?}");
 }
@@ -792,18 +607,18 @@ async fn a_task_cannot_use_another_tasks_credentials_or_proxy() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refused_provider_download_says_why_in_the_task_log() {
     let f = Fleet::start(&["egress-tofu"], 1).await;
-    let ws = f.cp.path().join("workspaces").join("provider");
-    std::fs::create_dir_all(&ws).unwrap();
-    std::fs::write(
-        ws.join("main.tf"),
-        r#"terraform {
+    let ws = f.write_workspace(
+        "provider",
+        &[(
+            "main.tf",
+            r#"terraform {
   required_providers {
     null = { source = "hashicorp/null" }
   }
 }
 "#,
-    )
-    .unwrap();
+        )],
+    );
     let id = f.submit(&ws, &["--op", "validate"]);
     let shown = f.finished(&id).await;
     assert_eq!(shown["outcome"], "failed", "{shown:#}");
@@ -831,5 +646,5 @@ async fn a_refused_provider_download_says_why_in_the_task_log() {
         "{logs}"
     );
     audited_like_events(&f, &id, &events);
-    no_leftovers(&f).await;
+    f.no_leftovers().await;
 }
