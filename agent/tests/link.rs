@@ -540,6 +540,19 @@ fn log(data: &str) -> TaskOutput {
     }
 }
 
+/// Line `i` on alternating streams: lines queued together stay a frame each (queued output of
+/// one stream is merged into one frame).
+fn log_line(i: u32) -> TaskOutput {
+    TaskOutput::Log {
+        stream: if i.is_multiple_of(2) {
+            LogStream::Stdout
+        } else {
+            LogStream::Stderr
+        },
+        data: Bytes::from(format!("line {i}\n")),
+    }
+}
+
 /// Long enough that a loaded CI machine does not starve a heartbeat into a false dead peer.
 const HB: Duration = Duration::from_millis(400);
 
@@ -780,7 +793,7 @@ async fn output_is_resent_after_a_reconnect_from_the_resume_point() {
     let id = Uuid::new_v4();
     let run = assign_and_start(&mut agent, &mut peer, id).await;
     for i in 1..=3 {
-        run.out.send(log(&format!("line {i}\n"))).await.unwrap();
+        run.out.send(log_line(i)).await.unwrap();
     }
     for want in 1..=3 {
         assert_eq!(seq_of(&peer.frame().await), want);
@@ -801,7 +814,7 @@ async fn output_is_resent_after_a_reconnect_from_the_resume_point() {
 
     // While disconnected the task goes on and finishes.
     for i in 4..=5 {
-        run.out.send(log(&format!("line {i}\n"))).await.unwrap();
+        run.out.send(log_line(i)).await.unwrap();
     }
     run.finish
         .send(TaskResult {

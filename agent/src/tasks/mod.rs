@@ -1240,6 +1240,54 @@ impl Inner {
     }
 }
 
+/// Log output merged into one message at most (see [`coalesce`]).
+pub const COALESCE_BYTES: usize = 64 * 1024;
+
+/// Merge the log output of the same stream already waiting behind `first` into one message, up
+/// to [`COALESCE_BYTES`]: a chatty step then costs a frame and a spool record per burst instead
+/// of per line. Only what is already queued is taken, so nothing waits for more output; the
+/// first message of another kind or stream is left in `held`, so order is kept.
+fn coalesce(
+    first: TaskOutput,
+    rx: &mut mpsc::Receiver<TaskOutput>,
+    held: &mut Option<TaskOutput>,
+) -> TaskOutput {
+    let TaskOutput::Log { stream, data } = first else {
+        return first;
+    };
+    if data.len() >= COALESCE_BYTES {
+        return TaskOutput::Log { stream, data };
+    }
+    let mut merged: Option<bytes::BytesMut> = None;
+    let mut len = data.len();
+    loop {
+        match rx.try_recv() {
+            Ok(TaskOutput::Log {
+                stream: s,
+                data: more,
+            }) if s == stream && len + more.len() <= COALESCE_BYTES => {
+                len += more.len();
+                merged
+                    .get_or_insert_with(|| {
+                        let mut b = bytes::BytesMut::with_capacity(COALESCE_BYTES);
+                        b.extend_from_slice(&data);
+                        b
+                    })
+                    .extend_from_slice(&more);
+            }
+            Ok(other) => {
+                *held = Some(other);
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    TaskOutput::Log {
+        stream,
+        data: merged.map(|b| b.freeze()).unwrap_or(data),
+    }
+}
+
 /// Run one task on the executor (`start` starts or resumes it) and turn its output into
 /// sequenced messages; `done` last.
 async fn drive(
@@ -1250,16 +1298,32 @@ async fn drive(
     let (tx, mut rx) = mpsc::channel(inner.settings.output_buffer.max(1));
     // Its own task, so a panic in the executor becomes a failed task, not a stuck one.
     let mut run = tokio::spawn(start(tx));
+    let mut held: Option<TaskOutput> = None;
     let joined = loop {
-        tokio::select! {
-            out = rx.recv() => match out {
-                Some(out) => inner.output(id, out).await,
-                None => break (&mut run).await,
+        let next = match held.take() {
+            Some(out) => Some(out),
+            None => tokio::select! {
+                out = rx.recv() => out,
+                joined = &mut run => break joined,
             },
-            joined = &mut run => break joined,
+        };
+        match next {
+            Some(out) => {
+                let out = coalesce(out, &mut rx, &mut held);
+                inner.output(id, out).await
+            }
+            None => break (&mut run).await,
         }
     };
-    while let Ok(out) = rx.try_recv() {
+    loop {
+        let out = match held.take() {
+            Some(out) => out,
+            None => match rx.try_recv() {
+                Ok(out) => out,
+                Err(_) => break,
+            },
+        };
+        let out = coalesce(out, &mut rx, &mut held);
         inner.output(id, out).await;
     }
     let result = joined.unwrap_or_else(|e| {

@@ -382,13 +382,7 @@ async fn output_survives_a_reconnect_and_resumes_after_the_ack() {
     let id = 9;
     let run = start(&mut h, id, b"a").await;
     for i in 0..3 {
-        run.out
-            .send(TaskOutput::Log {
-                stream: LogStream::Stdout,
-                data: Bytes::from(format!("line {i}\n")),
-            })
-            .await
-            .unwrap();
+        run.out.send(log_line(i)).await.unwrap();
     }
     for want in 1..=3 {
         assert_eq!(seq_of(&next(&h.m).await), Some(want));
@@ -396,13 +390,7 @@ async fn output_survives_a_reconnect_and_resumes_after_the_ack() {
     // The link drops; the task keeps running and its output waits.
     h.m.on_disconnected();
     for i in 3..5 {
-        run.out
-            .send(TaskOutput::Log {
-                stream: LogStream::Stderr,
-                data: Bytes::from(format!("line {i}\n")),
-            })
-            .await
-            .unwrap();
+        run.out.send(log_line(i)).await.unwrap();
     }
     run.finish.send(result(Outcome::Succeeded)).unwrap();
     // Wait for done to be queued (not sendable while disconnected).
@@ -849,9 +837,15 @@ fn known(id: u128, acked_seq: u64) -> ResumePoint {
     }
 }
 
+/// Alternating streams, so that lines queued together stay one frame each (output of the same
+/// stream already queued is merged, see `coalesce`).
 fn log_line(i: usize) -> TaskOutput {
     TaskOutput::Log {
-        stream: LogStream::Stdout,
+        stream: if i.is_multiple_of(2) {
+            LogStream::Stdout
+        } else {
+            LogStream::Stderr
+        },
         data: Bytes::from(format!("{LOG_MARKER} line {i}\n")),
     }
 }
@@ -1261,5 +1255,49 @@ async fn inputs_cut_off_by_a_lost_connection_are_asked_for_again() {
         .await
         .expect("task started with the resent inputs");
     assert_eq!(&run.inputs.archive[..], &archive[..]);
+    run.finish.send(result(Outcome::Succeeded)).unwrap();
+}
+
+#[tokio::test]
+async fn queued_output_of_one_stream_is_merged_in_order_and_nothing_else_is() {
+    let mut h = harness(TaskSettings::new(1));
+    let id = 78;
+    let run = start(&mut h, id, b"a").await;
+    let line = |stream, text: &str| TaskOutput::Log {
+        stream,
+        data: Bytes::from(text.to_string()),
+    };
+    // Queued before the driver runs: three stdout lines, an event, stderr, stdout.
+    run.out.send(line(LogStream::Stdout, "a\n")).await.unwrap();
+    run.out.send(line(LogStream::Stdout, "b\n")).await.unwrap();
+    run.out.send(line(LogStream::Stdout, "c\n")).await.unwrap();
+    run.out
+        .send(TaskOutput::Event(EventKind::StepStarted {
+            step: "plan".into(),
+        }))
+        .await
+        .unwrap();
+    run.out.send(line(LogStream::Stderr, "d\n")).await.unwrap();
+    run.out.send(line(LogStream::Stdout, "e\n")).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        got.push(next(&h.m).await);
+    }
+    let shape: Vec<String> = got
+        .iter()
+        .map(|f| match f {
+            Frame::Binary(BinaryFrame::Log(l)) => {
+                format!("{}:{}", l.stream.as_str(), String::from_utf8_lossy(&l.data))
+            }
+            Frame::Control(Message::Event(_)) => "event".into(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        vec!["stdout:a\nb\nc\n", "event", "stderr:d\n", "stdout:e\n"]
+    );
+    let seqs: Vec<u64> = got.iter().filter_map(seq_of).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
     run.finish.send(result(Outcome::Succeeded)).unwrap();
 }
