@@ -9,7 +9,10 @@
 //!   lines (`sandbox::logs::LineSplitter`), one Log frame per line (`encode_log`), appended to the
 //!   sealed spool (`spool::TaskSpool`, one record per frame, compacted on acks) and the outbox,
 //!   then sent over a TLS 1.3 WebSocket on loopback — vs the raw link: the same kind of
-//!   connection carrying the same lines as pre-encoded Log frames, without redact/spool.
+//!   connection carrying the same lines as pre-encoded Log frames, without redact/spool. Run
+//!   twice: one frame per line (the worst case, a driver that keeps up line by line), and with the
+//!   lines of each read merged as the task driver merges output queued together
+//!   (`tasks::COALESCE_BYTES`; the case when the link or spool is the slower side).
 //!
 //! Sections are selected by name on the command line; no name runs them all.
 
@@ -18,7 +21,7 @@ use delegate_agent::redact::{Redactor, REPLACEMENT};
 use delegate_agent::sandbox::logs::LineSplitter;
 use delegate_agent::spool::record::RecordBody;
 use delegate_agent::spool::{Spool, SpoolSettings};
-use delegate_agent::tasks::{Outbox, WireFrame};
+use delegate_agent::tasks::{Outbox, WireFrame, COALESCE_BYTES};
 use delegate_crypto::KeyRing;
 use delegate_protocol::binary::encode_log;
 use delegate_protocol::{decode_binary, BinaryFrame, LogStream};
@@ -393,6 +396,7 @@ fn pipeline_producer(
     spool_dir: &std::path::Path,
     tx: mpsc::Sender<Bytes>,
     acks: std::sync::mpsc::Receiver<u64>,
+    merge: bool,
 ) -> u64 {
     let keyring = KeyRing::from_key("bench", &random_key()).unwrap();
     let (spool, _) = Spool::open(SpoolSettings::new(spool_dir.to_path_buf()), keyring).unwrap();
@@ -425,8 +429,25 @@ fn pipeline_producer(
     };
     for chunk in &input.chunks {
         let safe = redactor.push(chunk);
-        for line in lines.push(&safe) {
-            emit(&line);
+        let produced = lines.push(&safe);
+        if merge {
+            // What the task driver does with output queued together (`tasks::COALESCE_BYTES`):
+            // the lines of one read become one frame, up to the bound.
+            let mut buf: Vec<u8> = Vec::new();
+            for line in produced {
+                if !buf.is_empty() && buf.len() + line.len() > COALESCE_BYTES {
+                    emit(&buf);
+                    buf.clear();
+                }
+                buf.extend_from_slice(&line);
+            }
+            if !buf.is_empty() {
+                emit(&buf);
+            }
+        } else {
+            for line in produced {
+                emit(&line);
+            }
         }
     }
     let rest = redactor.finish();
@@ -511,7 +532,11 @@ async fn raw_round(l: &mut Link, frames: &[Bytes]) -> (Duration, Vec<u8>) {
     (d, l.got.recv().await.unwrap())
 }
 
-async fn pipeline_round(l: &mut Link, input: &Arc<LogInput>) -> (Duration, Vec<u8>, u64) {
+async fn pipeline_round(
+    l: &mut Link,
+    input: &Arc<LogInput>,
+    merge: bool,
+) -> (Duration, Vec<u8>, u64) {
     let (tx, rx) = mpsc::channel(1024);
     let (ack_tx, ack_rx) = std::sync::mpsc::channel();
     let dir = tempfile::Builder::new()
@@ -521,7 +546,8 @@ async fn pipeline_round(l: &mut Link, input: &Arc<LogInput>) -> (Duration, Vec<u
     let spool_dir = dir.path().join("spool");
     let inp = input.clone();
     let t = Instant::now();
-    let producer = std::thread::spawn(move || pipeline_producer(&inp, &spool_dir, tx, ack_rx));
+    let producer =
+        std::thread::spawn(move || pipeline_producer(&inp, &spool_dir, tx, ack_rx, merge));
     let n = send_all(l.addr, l.client.clone(), rx, ack_tx).await;
     let d = t.elapsed();
     let frames = producer.join().unwrap();
@@ -571,6 +597,8 @@ async fn logs() {
 
     let mut raw_rates = Vec::new();
     let mut ours_rates = Vec::new();
+    let mut merged_rates = Vec::new();
+    let mut merged_frames = 0;
     let mut frames = 0;
     let mut leaked = 0;
     let mut redactions = 0;
@@ -581,7 +609,7 @@ async fn logs() {
             let original: Vec<u8> = input.chunks.concat();
             assert!(got == original, "the raw link delivered the text unchanged");
         }
-        let (d, got, n) = pipeline_round(&mut l, &input).await;
+        let (d, got, n) = pipeline_round(&mut l, &input, false).await;
         ours_rates.push(mbps(input.bytes, d));
         frames = n;
         if round == 0 {
@@ -592,9 +620,25 @@ async fn logs() {
                 .sum::<usize>();
             redactions = count(&got, REPLACEMENT);
         }
+        let (d, got, n) = pipeline_round(&mut l, &input, true).await;
+        merged_rates.push(mbps(input.bytes, d));
+        merged_frames = n;
+        if round == 0 {
+            leaked += input
+                .secrets
+                .iter()
+                .map(|s| count(&got, s.as_bytes()))
+                .sum::<usize>();
+            assert_eq!(
+                count(&got, REPLACEMENT),
+                redactions,
+                "merging changes no byte"
+            );
+        }
     }
     l.server.abort();
     let (r, o) = (median(&mut raw_rates), median(&mut ours_rates));
+    let m = median(&mut merged_rates);
     println!(
         "logs: {:.1} MB of tofu-like text, {frames} lines -> one Log frame each, read in {} KiB chunks; 5 secrets, {} occurrences planted (raw and base64)",
         input.bytes as f64 / 1e6,
@@ -610,6 +654,11 @@ async fn logs() {
     println!(
         "logs: redact + sealed spool + outbox + send over the same link: {o:.1} MB/s; ratio {:.2} of baseline (median of {LOG_ROUNDS} alternating rounds); downstream: {redactions} x [REDACTED], {leaked} secret occurrences",
         o / r
+    );
+    println!(
+        "logs: the same with the lines of each read merged as the task driver merges queued output (at most {} KiB a frame, {merged_frames} frames): {m:.1} MB/s; ratio {:.2} of baseline",
+        COALESCE_BYTES / 1024,
+        m / r
     );
     assert_eq!(leaked, 0, "a secret reached the receiver");
 }
