@@ -480,6 +480,15 @@ fn sandbox_settings_with_egress_hook(cfg: &Config) -> (SandboxSettings, EgressHo
     (settings, hook)
 }
 
+/// The agent's log filter for `level`, with the crates that log payloads (tungstenite: every
+/// `assign`, secrets included; bollard: every container configuration, environment included)
+/// capped at `info` ([`delegate_protocol::logging`]).
+fn log_filter(level: config::LogLevel) -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::new(delegate_protocol::logging::capped_directives(
+        level.as_str(),
+    ))
+}
+
 /// Set up the agent's own log; returns the hook that changes its level (SIGHUP).
 fn init_tracing(
     level: config::LogLevel,
@@ -488,8 +497,7 @@ fn init_tracing(
     use std::io::IsTerminal;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let (filter, handle) =
-        tracing_subscriber::reload::Layer::new(tracing_subscriber::EnvFilter::new(level.as_str()));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(log_filter(level));
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
@@ -501,7 +509,7 @@ fn init_tracing(
     installed.ok()?;
     Some(std::sync::Arc::new(move |level: config::LogLevel| {
         handle
-            .modify(|f| *f = tracing_subscriber::EnvFilter::new(level.as_str()))
+            .modify(|f| *f = log_filter(level))
             .map_err(|e| e.to_string())
     }))
 }
@@ -509,6 +517,42 @@ fn init_tracing(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trace_level_never_lets_payload_logging_crates_through() {
+        use std::sync::{Arc, Mutex};
+        use tracing_subscriber::layer::SubscriberExt;
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::registry()
+            .with(log_filter(config::LogLevel::Trace))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(move || writer.clone()),
+            );
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::trace!(target: "tungstenite::protocol", "Received message {{\"secrets\":\"s3cret-1\"}}");
+            tracing::debug!(target: "bollard::docker", "request body Env=[TOKEN=s3cret-2]");
+            tracing::info!(target: "bollard::docker", "info from bollard");
+            tracing::trace!(target: "delegate_agent::link", "agent trace line");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains("info from bollard"), "{text}");
+        assert!(text.contains("agent trace line"), "{text}");
+    }
 
     fn load(dir: &std::path::Path, allow: &str) -> Config {
         let text = format!(

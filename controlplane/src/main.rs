@@ -261,8 +261,15 @@ fn main() -> ExitCode {
     } else {
         "info"
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    // RUST_LOG or the default, with the crates that log payloads (an `assign` with its secrets,
+    // state bodies) capped at info whatever is asked for.
+    let requested = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| default_level.to_string());
+    let filter = tracing_subscriber::EnvFilter::new(delegate_protocol::logging::capped_directives(
+        &requested,
+    ));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

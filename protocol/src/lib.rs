@@ -11,6 +11,7 @@
 
 pub mod binary;
 pub mod limits;
+pub mod logging;
 pub mod messages;
 pub mod version;
 
