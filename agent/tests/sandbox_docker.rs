@@ -492,7 +492,7 @@ async fn plan_apply_drift_destroy_with_the_default_backend() {
         outputs["hidden"].get("value").is_none(),
         "sensitive value dropped"
     );
-    assert_eq!(outputs["token_echo"]["value"], "token is ***");
+    assert_eq!(outputs["token_echo"]["value"], "token is [REDACTED]");
     let text = c.text();
     assert!(
         text.contains("Apply complete! Resources: 2 added"),

@@ -387,36 +387,43 @@ pub fn parse_outputs(json: &[u8]) -> Result<Value, StepError> {
     Ok(v)
 }
 
-/// Mask every secret value inside the strings of a JSON document (keys included).
+/// Replace every secret inside the strings of a JSON document (keys included) with
+/// `[REDACTED]`, in every form the log redactor knows (raw, JSON-escaped, URL-encoded, base64:
+/// see [`crate::redact`]), so an output such as `base64encode(var.token)` is caught as it is in
+/// the logs. If the secrets cannot be made into a redactor, the whole document is withheld.
 pub fn redact_json(v: &mut Value, secrets: &[Vec<u8>]) {
-    let secrets: Vec<String> = secrets
+    let secrets: Vec<&str> = secrets
         .iter()
         .filter(|s| !s.is_empty())
-        .filter_map(|s| String::from_utf8(s.clone()).ok())
+        .filter_map(|s| std::str::from_utf8(s).ok())
         .collect();
     if secrets.is_empty() {
         return;
     }
-    fn mask(s: &str, secrets: &[String]) -> String {
-        secrets
-            .iter()
-            .fold(s.to_string(), |acc, sec| acc.replace(sec.as_str(), "***"))
-    }
-    fn walk(v: &mut Value, secrets: &[String]) {
+    let redactor = match crate::redact::Redactor::new(&secrets) {
+        Ok(r) => r,
+        Err(_) => {
+            // Fail closed: nothing that might hold a secret leaves.
+            *v = Value::String("[withheld: the task's secrets could not be matched]".into());
+            return;
+        }
+    };
+    let mask = |s: &str| String::from_utf8_lossy(&redactor.redact(s.as_bytes())).into_owned();
+    fn walk(v: &mut Value, mask: &dyn Fn(&str) -> String) {
         match v {
-            Value::String(s) => *s = mask(s, secrets),
-            Value::Array(items) => items.iter_mut().for_each(|i| walk(i, secrets)),
+            Value::String(s) => *s = mask(s),
+            Value::Array(items) => items.iter_mut().for_each(|i| walk(i, mask)),
             Value::Object(map) => {
                 let old = std::mem::take(map);
                 for (k, mut val) in old {
-                    walk(&mut val, secrets);
-                    map.insert(mask(&k, secrets), val);
+                    walk(&mut val, mask);
+                    map.insert(mask(&k), val);
                 }
             }
             _ => {}
         }
     }
-    walk(v, &secrets);
+    walk(v, &mask);
 }
 
 #[cfg(test)]
@@ -737,7 +744,35 @@ mod tests {
         redact_json(&mut v, &[b"s3cr3t".to_vec(), Vec::new()]);
         let text = v.to_string();
         assert!(!text.contains("s3cr3t"), "{text}");
-        assert_eq!(v["echo"]["value"], "token=***!");
-        assert_eq!(v["list"]["value"][1], "***");
+        assert_eq!(v["echo"]["value"], "token=[REDACTED]!");
+        assert_eq!(v["list"]["value"][1], "[REDACTED]");
+        assert!(v["list"]["value"][2].get("[REDACTED]").is_some(), "{text}");
+    }
+
+    #[test]
+    fn json_redaction_catches_encoded_forms_too() {
+        use base64::Engine;
+        let secret = "tok-9f8e7d6c";
+        let b64 = base64::engine::general_purpose::STANDARD.encode(secret);
+        let mut v = serde_json::json!({
+            "b64": { "sensitive": false, "value": b64 },
+            "url": { "sensitive": false, "value": "https://x.test/?t=tok-9f8e7d6c%21" },
+        });
+        redact_json(&mut v, &[secret.as_bytes().to_vec()]);
+        let text = v.to_string();
+        assert!(!text.contains(&b64), "{text}");
+        assert!(!text.contains(secret), "{text}");
+        assert!(text.contains("[REDACTED]"), "{text}");
+    }
+
+    #[test]
+    fn json_redaction_fails_closed_on_unusable_secrets() {
+        let mut v = serde_json::json!({ "o": { "value": "abc" } });
+        // Shorter than the minimum: no redactor can be built, so nothing is shown.
+        redact_json(&mut v, &[b"ab".to_vec()]);
+        assert!(
+            v.as_str().is_some_and(|s| s.starts_with("[withheld")),
+            "{v}"
+        );
     }
 }
