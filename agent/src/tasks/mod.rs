@@ -296,6 +296,22 @@ impl TaskManager {
                 }
                 continue;
             }
+            if rp.acked_seq > MAX_RESUME_SEQ {
+                // No task gets near this; numbering on from it would overflow. Not trusted.
+                warn!(task_id = %rp.task_id, acked_seq = rp.acked_seq, "resume point out of range; the task ends lost");
+                e.cancel.cancel();
+                e.phase = Phase::Running;
+                st.finish(
+                    rp.task_id,
+                    Outcome::Lost,
+                    Some(format!(
+                        "the control plane's resume point for this task ({}) is out of range",
+                        rp.acked_seq
+                    )),
+                    Summary::default(),
+                );
+                continue;
+            }
             if rp.acked_seq > e.outbox.last_seq() {
                 // The control plane holds more than we do: our history of it was lost.
                 e.outbox.restart_at(rp.acked_seq);
@@ -1239,6 +1255,10 @@ impl Inner {
         self.changed.notify_waiters();
     }
 }
+
+/// Highest resume point taken from a control plane (2^48 messages: centuries of output); above
+/// it the agent could not number on without overflowing.
+const MAX_RESUME_SEQ: u64 = 1 << 48;
 
 /// Log output merged into one message at most (see [`coalesce`]).
 pub const COALESCE_BYTES: usize = 64 * 1024;

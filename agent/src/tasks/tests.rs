@@ -1301,3 +1301,27 @@ async fn queued_output_of_one_stream_is_merged_in_order_and_nothing_else_is() {
     assert_eq!(seqs, vec![1, 2, 3, 4]);
     run.finish.send(result(Outcome::Succeeded)).unwrap();
 }
+
+#[tokio::test]
+async fn an_out_of_range_resume_point_ends_the_task_lost_instead_of_overflowing() {
+    let mut h = harness(TaskSettings::new(1));
+    let id = 79;
+    let run = start(&mut h, id, b"a").await;
+    h.m.on_disconnected();
+    h.m.on_connected(&[ResumePoint {
+        task_id: Uuid::from_u128(id),
+        acked_seq: u64::MAX,
+        known: true,
+    }]);
+    assert!(run.cancel.is_cancelled());
+    match &sent(&h.m)[..] {
+        [Frame::Control(Message::Done(d))] => {
+            assert_eq!(d.outcome, Outcome::Lost);
+            assert!(
+                d.reason.as_deref().unwrap().contains("out of range"),
+                "{d:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
