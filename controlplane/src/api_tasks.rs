@@ -248,8 +248,8 @@ async fn submit(
             ApiError::bad_request(e.body_text())
         }
     })?;
-    let req: SubmitRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid submit request: {e}")))?;
+    // Never serde's own message: it would quote the offending value (a secret, say).
+    let req: SubmitRequest = crate::json_body::parse(&body, "invalid submit request")?;
     let row = cp.submit(&req, "api")?;
     Ok((StatusCode::CREATED, Json(task_view(&cp, &row, false)?)))
 }

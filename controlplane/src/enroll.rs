@@ -290,14 +290,12 @@ pub fn public_routes() -> Router<Arc<ControlPlane>> {
 
 async fn enroll_handler(
     State(cp): State<Arc<ControlPlane>>,
-    body: Result<Json<EnrollRequest>, axum::extract::rejection::JsonRejection>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<Json<EnrollResponse>> {
-    let Json(req) = body.map_err(|e| {
-        ApiError::bad_request(format!(
-            "expected JSON {{\"token\", \"csr_pem\", \"name\"}}: {}",
-            e.body_text()
-        ))
-    })?;
+    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    // The body carries the enrollment token: errors never quote a value.
+    let req: EnrollRequest =
+        crate::json_body::parse(&body, "expected JSON {\"token\", \"csr_pem\", \"name\"}")?;
     // Signing and SQLite are short but blocking.
     let cp2 = cp.clone();
     tokio::task::spawn_blocking(move || enroll(&cp2, &req, crate::now_ms()))

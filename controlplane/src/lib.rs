@@ -19,7 +19,7 @@
 //! - `tasks`, `state`: what agents' task messages and state requests do.
 //! - `task_ops`: what users do to tasks (submit, cancel, approve).
 //! - `api`, `api_tasks`, `api_admin`: the user API (HTTPS, bearer token, JSON); `api_admin` has
-//!   workspace secrets and at-rest keys.
+//!   workspace secrets and at-rest keys; `json_body` parses request bodies without echoing values.
 //! - `keys`: `keys rotate` / `keys reseal` (through a running control plane, or offline).
 //! - `serve`: binding listeners and running everything until shutdown.
 //! - `client`, `cli`, `cli_admin`, `pack`: the CLI side: HTTP client, commands and output,
@@ -41,6 +41,7 @@ pub mod dispatch;
 pub mod enroll;
 pub mod hub;
 pub mod init;
+pub mod json_body;
 pub mod keys;
 pub mod lease;
 pub mod lock;

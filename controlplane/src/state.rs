@@ -43,7 +43,9 @@ type HttpReply = (u16, Option<Vec<u8>>);
 
 /// `serial` and `lineage` from a state file, when it is JSON with them.
 pub fn state_meta(data: &[u8]) -> Result<(Option<i64>, Option<String>), String> {
-    let v: serde_json::Value = serde_json::from_slice(data).map_err(|e| e.to_string())?;
+    // A value-free message: a state holds secrets.
+    let v: serde_json::Value =
+        serde_json::from_slice(data).map_err(|e| crate::json_body::describe_plain(&e))?;
     Ok((
         v.get("serial").and_then(|s| s.as_i64()),
         v.get("lineage")

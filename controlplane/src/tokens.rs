@@ -300,9 +300,10 @@ pub fn routes() -> Router<Arc<ControlPlane>> {
 
 async fn create(
     State(cp): State<Arc<ControlPlane>>,
-    body: Result<Json<CreateTokenRequest>, axum::extract::rejection::JsonRejection>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<Json<TokenCreated>> {
-    let Json(req) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let req: CreateTokenRequest = crate::json_body::parse(&body, "invalid token request")?;
     let spec = req
         .validate(&cp.config.default_pool)
         .map_err(|errors| ApiError::bad_request(errors.join("; ")))?;

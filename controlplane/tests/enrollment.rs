@@ -427,6 +427,28 @@ async fn refused_enrollments_are_clear_and_audited() {
     let t = token(&env, "pool-a", 5).await;
     let url = t["url"].as_str().unwrap().to_string();
 
+    // A malformed body: 400 naming the field, never quoting the token.
+    let (status, body) = enroll_raw(
+        &env,
+        &url,
+        &serde_json::json!({"token": t["token"], "csr_pem": 5, "name": ["x"]}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let msg = body["error"].as_str().unwrap();
+    assert!(msg.contains("at csr_pem:"), "{msg}");
+    assert!(!msg.contains(t["token"].as_str().unwrap()), "{msg}");
+    let (status, body) = enroll_raw(
+        &env,
+        &url,
+        &serde_json::json!({"token": 7, "csr_pem": t["token"]}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let msg = body["error"].as_str().unwrap();
+    assert!(msg.contains("at token:"), "{msg}");
+    assert!(!msg.contains(t["token"].as_str().unwrap()), "{msg}");
+
     // Unknown token: 401, JSON error, audited without the value.
     let bogus = "f".repeat(64);
     let (status, body) = enroll_raw(

@@ -902,3 +902,45 @@ async fn oversized_archive_is_refused_with_413() {
         .unwrap_err();
     assert_eq!(err.status(), Some(400));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_bodies_are_answered_without_their_values() {
+    let env = Env::new(5000).await;
+    let archive = B64.encode(b"tar");
+    let cases = [
+        (
+            "POST",
+            "/api/v1/tasks".to_string(),
+            format!(
+                r#"{{"op":"plan","workspace":"w","archive_b64":"{archive}","secrets":"TOKEN=abc-leak-me"}}"#
+            ),
+            "at secrets:",
+        ),
+        (
+            "POST",
+            "/api/v1/tasks".to_string(),
+            format!(
+                r#"{{"op":"plan","workspace":"w","archive_b64":"{archive}","vars":{{"v":["abc-leak-me"]}}}}"#
+            ),
+            "at vars.v:",
+        ),
+        (
+            "PUT",
+            "/api/v1/workspaces/w/secrets/TOKEN".to_string(),
+            r#"{"value":["abc-leak-me"]}"#.to_string(),
+            "value",
+        ),
+        (
+            "POST",
+            "/api/v1/tokens".to_string(),
+            r#"{"pool":["abc-leak-me"]}"#.to_string(),
+            "at pool:",
+        ),
+    ];
+    for (method, path, body, names) in cases {
+        let (status, text) = raw_call(&env, method, &path, body).await;
+        assert_eq!(status, 400, "{path}: {text}");
+        assert!(!text.contains("abc-leak-me"), "{path}: {text}");
+        assert!(text.contains(names), "{path}: {text}");
+    }
+}
