@@ -52,7 +52,7 @@ use zeroize::Zeroize;
 /// their base64 fragments even more), so redacting them would mangle logs while protecting little.
 pub const MIN_SECRET_LEN: usize = 4;
 /// Longest secret accepted, in bytes (bounds the hold-back of a stream to a few hundred KiB).
-pub const MAX_SECRET_LEN: usize = 8 * 1024;
+pub const MAX_SECRET_LEN: usize = delegate_protocol::limits::MAX_SECRET_LEN;
 /// What every occurrence is replaced with.
 pub const REPLACEMENT: &[u8] = b"[REDACTED]";
 

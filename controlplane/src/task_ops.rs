@@ -132,7 +132,8 @@ fn check_map(what: &str, m: &BTreeMap<String, String>, allow_dash: bool) -> Resu
 
 /// A secret's name and value (the message names the secret, never shows its value). Values
 /// shorter than [`limits::MIN_SECRET_LEN`] bytes are refused: redacting them from logs would
-/// also redact ordinary text.
+/// also redact ordinary text; values longer than [`limits::MAX_SECRET_LEN`] are refused because
+/// the agent's redactor refuses them (the task would be dispatched only to fail).
 pub fn check_secret(name: &str, value: &str) -> Result<(), OpError> {
     check_ident("secret", name, false)?;
     if value.len() < limits::MIN_SECRET_LEN {
@@ -142,11 +143,27 @@ pub fn check_secret(name: &str, value: &str) -> Result<(), OpError> {
             limits::MIN_SECRET_LEN
         )));
     }
-    if value.len() > limits::MAX_VALUE {
+    if value.len() > limits::MAX_SECRET_LEN {
         return Err(bad(format!(
-            "secret {name} is longer than the limit of {} bytes",
-            limits::MAX_VALUE
+            "secret {name} is {} bytes long; secrets may be at most {} bytes (the agent must \
+             redact them from streamed logs); put larger material in a var file",
+            value.len(),
+            limits::MAX_SECRET_LEN
         )));
+    }
+    Ok(())
+}
+
+/// A workspace's stored secrets against the limits the agent enforces (a value stored before
+/// [`limits::MAX_SECRET_LEN`] was checked at `secrets set` would make every task fail).
+pub fn check_stored_secrets(workspace: &str, stored: &Secrets) -> Result<(), OpError> {
+    for (name, value) in &stored.0 {
+        check_secret(name, value).map_err(|e| {
+            bad(format!(
+                "workspace {workspace}'s stored {}; set it again with a valid value",
+                e.message
+            ))
+        })?;
     }
     Ok(())
 }
@@ -295,10 +312,10 @@ impl ControlPlane {
             .store
             .workspace_secrets(&new.workspace)
             .map_err(internal)?;
-        check_assign_size(
-            &preview_row(&new),
-            &merge_secrets(stored, &v.secrets, &new.inputs.env),
-        )?;
+        let merged = merge_secrets(stored, &v.secrets, &new.inputs.env);
+        // The task's own secrets were checked above: only stored ones can fail here.
+        check_stored_secrets(&new.workspace, &merged)?;
+        check_assign_size(&preview_row(&new), &merged)?;
         let blob = self.blobs.put("archive", &v.archive).map_err(internal)?;
         let new = NewTask {
             archive: StoredBlob {
@@ -622,6 +639,14 @@ mod tests {
                 400,
                 "secret SHORT_ONE is shorter than 4 bytes",
             ),
+            (
+                // Over what the agent's redactor accepts, under the general value limit.
+                Box::new(|r| {
+                    r.secrets.0.insert("BIG_ONE".into(), "s3cr3t".repeat(2000));
+                }),
+                400,
+                "secret BIG_ONE is 12000 bytes long; secrets may be at most 8192 bytes",
+            ),
         ];
         for (edit, status, word) in cases {
             let mut r = req();
@@ -641,6 +666,21 @@ mod tests {
         assert!(err.message.contains("TOKEN"), "{err}");
         assert!(!err.message.contains("abc"), "{err}");
         assert!(check_secret("1BAD", "abcdef").is_err());
+        assert!(check_secret("TOKEN", &"k".repeat(limits::MAX_SECRET_LEN)).is_ok());
+        let err = check_secret("TOKEN", &"k".repeat(limits::MAX_SECRET_LEN + 1)).unwrap_err();
+        assert!(err.message.contains("secret TOKEN"), "{err}");
+        assert!(err.message.contains("8192"), "{err}");
+        assert!(!err.message.contains("kkkk"), "{err}");
+        let stored = Secrets(BTreeMap::from([(
+            "OLD_BIG".to_string(),
+            "k".repeat(limits::MAX_SECRET_LEN + 1),
+        )]));
+        let err = check_stored_secrets("w", &stored).unwrap_err();
+        assert!(
+            err.message.contains("workspace w's stored secret OLD_BIG"),
+            "{err}"
+        );
+        assert!(!err.message.contains("kkkk"), "{err}");
         let ws = Secrets(BTreeMap::from([
             ("A".to_string(), "ws-a-value".to_string()),
             ("B".to_string(), "ws-b-value".to_string()),

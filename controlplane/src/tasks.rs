@@ -370,6 +370,10 @@ impl ControlPlane {
                     continue;
                 }
             };
+            if let Err(e) = crate::task_ops::check_stored_secrets(&t.workspace, &secrets) {
+                self.fail_queued(&mut hub, &t, &e.message);
+                continue;
+            }
             if let Err(e) = crate::task_ops::check_assign_size(&t, &secrets) {
                 self.fail_queued(
                     &mut hub,

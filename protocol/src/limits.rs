@@ -23,3 +23,8 @@ pub const MAX_BLOB: u64 = 1024 * 1024 * 1024;
 /// Shortest secret accepted at submit: shorter values would redact ordinary words out of logs.
 /// The agent's redactor refuses the same (`delegate_agent::redact::MIN_SECRET_LEN`).
 pub const MIN_SECRET_LEN: usize = 4;
+/// Longest secret accepted at submit and by `secrets set`, in bytes: the agent's redactor holds
+/// back that much of each output stream, so it refuses longer secrets
+/// (`delegate_agent::redact::MAX_SECRET_LEN` is this constant). Smaller than [`MAX_VALUE`].
+pub const MAX_SECRET_LEN: usize = 8 * 1024;
+const _: () = assert!(MIN_SECRET_LEN <= MAX_SECRET_LEN && MAX_SECRET_LEN <= MAX_VALUE);
