@@ -72,8 +72,28 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// RFC 3339 (UTC, milliseconds) of a `*_ms` timestamp.
+/// The last millisecond RFC 3339 can show (9999-12-31T23:59:59.999Z): its years have four
+/// digits, and humantime's formatter panics past them.
+pub const MAX_TIMESTAMP_MS: i64 = 253_402_300_799_999;
+
+/// RFC 3339 (UTC, milliseconds) of a `*_ms` timestamp. Total: times before 1970 show as the
+/// epoch, times past year 9999 as its last millisecond (stored values come from agents too).
 pub fn rfc3339(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    let t = UNIX_EPOCH + Duration::from_millis(ms.clamp(0, MAX_TIMESTAMP_MS) as u64);
     humantime::format_rfc3339_millis(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_is_total() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(-5), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(MAX_TIMESTAMP_MS), "9999-12-31T23:59:59.999Z");
+        for ms in [MAX_TIMESTAMP_MS + 1, 253_402_300_800_000, i64::MAX] {
+            assert_eq!(rfc3339(ms), "9999-12-31T23:59:59.999Z");
+        }
+    }
 }

@@ -173,6 +173,22 @@ fn task_of(msg: &Message) -> Option<Uuid> {
     }
 }
 
+/// The time stored for an event: the agent's `at_ms`, or the control plane's receive time when
+/// `at_ms` is past what RFC 3339 can show (year 9999). Such a value is a broken agent clock, not
+/// a reason to refuse the event: refusing it would make the agent resend it forever.
+fn event_time(at_ms: u64, now_ms: i64) -> i64 {
+    match i64::try_from(at_ms) {
+        Ok(at) if at <= crate::MAX_TIMESTAMP_MS => at,
+        _ => {
+            tracing::warn!(
+                at_ms,
+                "event time is past year 9999; storing the receive time instead"
+            );
+            now_ms
+        }
+    }
+}
+
 /// Whether a finished task keeps its secrets in memory: a succeeded plan may be approved, and
 /// the apply needs them.
 fn keeps_secrets(t: &TaskRow, outcome: Outcome) -> bool {
@@ -624,7 +640,7 @@ impl ControlPlane {
                 }
                 Item::Event(e) => {
                     let json = serde_json::to_string(&e.event).unwrap_or_else(|_| "{}".into());
-                    st::insert_event(c, id, seq, e.at_ms as i64, &json)?;
+                    st::insert_event(c, id, seq, event_time(e.at_ms, now), &json)?;
                     // An egress decision is also an audit record, stored with the event: once.
                     if let Some(entry) = egress_audit(agent, id, &e.event) {
                         crate::store::audit_in(c, &entry, now)?;
@@ -736,6 +752,18 @@ impl ControlPlane {
 mod tests {
     use super::*;
     use delegate_protocol::decode_binary;
+
+    #[test]
+    fn event_times_past_year_9999_become_the_receive_time() {
+        assert_eq!(event_time(1_764_105_600_000, 5), 1_764_105_600_000);
+        assert_eq!(
+            event_time(crate::MAX_TIMESTAMP_MS as u64, 5),
+            crate::MAX_TIMESTAMP_MS
+        );
+        for at in [253_402_300_800_000, i64::MAX as u64, u64::MAX] {
+            assert_eq!(event_time(at, 5), 5, "{at}");
+        }
+    }
 
     #[test]
     fn chunks_cover_the_blob_in_order() {

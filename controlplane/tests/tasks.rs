@@ -944,3 +944,43 @@ async fn malformed_bodies_are_answered_without_their_values() {
         assert!(text.contains(names), "{path}: {text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_past_year_9999_does_not_break_the_task_view() {
+    let env = Env::new(5000).await;
+    let (mut ws, _) = agent(&env, "a1", 1, vec![]).await;
+    let t = submit(&env, &request("plan", "w", b"x")).await;
+    let spec = expect_assign(&mut ws).await;
+    send(
+        &mut ws,
+        &Message::Accept(Accept {
+            task_id: spec.task_id,
+        }),
+    )
+    .await;
+    read_blob(&mut ws, ChunkKind::Workspace).await;
+    for (seq, at_ms) in [(1, 253_402_300_800_000u64), (2, u64::MAX)] {
+        send(
+            &mut ws,
+            &Message::Event(Event {
+                task_id: spec.task_id,
+                seq,
+                at_ms,
+                event: EventKind::StepStarted {
+                    step: "init".into(),
+                },
+            }),
+        )
+        .await;
+        wait_ack(&mut ws, spec.task_id, seq).await;
+    }
+    // Twice: the view used to panic on every request.
+    for _ in 0..2 {
+        let shown = show(&env, &t.id).await;
+        let events = shown.events.unwrap();
+        assert_eq!(events.len(), 2, "{events:?}");
+        for e in events {
+            assert!(e.at.starts_with("20"), "receive time stored: {}", e.at);
+        }
+    }
+}
