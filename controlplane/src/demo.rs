@@ -204,6 +204,10 @@ async fn run_in(
     if !opts.labels.is_empty() {
         add_sandbox_labels(&config, &opts.labels)?;
     }
+    if !running_as_root() {
+        set_firewall_off(&config)?;
+        writeln!(out, "{FIREWALL_OFF_NOTE}")?;
+    }
     let mut agent = tokio::process::Command::new(agent_bin)
         .arg("run")
         .arg("--config")
@@ -302,28 +306,71 @@ async fn run_in(
     result
 }
 
-/// Put extra labels into the agent bundle's `[sandbox] labels`.
-fn add_sandbox_labels(config: &Path, labels: &[(String, String)]) -> Result<(), DemoError> {
+/// Printed when the demo agent runs without the host firewall.
+const FIREWALL_OFF_NOTE: &str =
+    "==> not running as root: the agent's host firewall rules need root or \
+CAP_NET_ADMIN, so the demo agent runs with [egress] firewall = \"off\". Its sandboxes still go \
+out only through the egress proxy, but nothing stops them from reaching other services listening \
+on this host; run the demo as root to get the firewall.";
+
+/// Whether this process's effective user is root (Linux: `/proc/self/status`). Anywhere that
+/// cannot say, not root.
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| effective_uid(&s))
+        == Some(0)
+}
+
+/// The effective uid from `/proc/self/status` text (`Uid:\treal\teffective\tsaved\tfs`).
+fn effective_uid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .and_then(|id| id.parse().ok())
+}
+
+/// Edit the agent bundle's config: `edit` gets the named top-level table (created if absent).
+fn edit_agent_config(
+    config: &Path,
+    section: &str,
+    edit: impl FnOnce(&mut toml::Table),
+) -> Result<(), DemoError> {
     let text = std::fs::read_to_string(config)?;
     let mut doc: toml::Table = text
         .parse()
         .map_err(|e| DemoError::Setup(format!("{} is not valid TOML: {e}", config.display())))?;
-    let sandbox = doc
-        .entry("sandbox")
+    let table = doc
+        .entry(section)
         .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    let Some(sandbox) = sandbox.as_table_mut() else {
+    let Some(table) = table.as_table_mut() else {
         return Err(DemoError::Setup(format!(
-            "{}: [sandbox] is not a table",
+            "{}: [{section}] is not a table",
             config.display()
         )));
     };
+    edit(table);
+    std::fs::write(config, doc.to_string())?;
+    Ok(())
+}
+
+/// Put extra labels into the agent bundle's `[sandbox] labels`.
+fn add_sandbox_labels(config: &Path, labels: &[(String, String)]) -> Result<(), DemoError> {
     let mut table = toml::Table::new();
     for (k, v) in labels {
         table.insert(k.clone(), toml::Value::String(v.clone()));
     }
-    sandbox.insert("labels".into(), toml::Value::Table(table));
-    std::fs::write(config, doc.to_string())?;
-    Ok(())
+    edit_agent_config(config, "sandbox", |sandbox| {
+        sandbox.insert("labels".into(), toml::Value::Table(table));
+    })
+}
+
+/// `[egress] firewall = "off"` in the agent bundle's config.
+fn set_firewall_off(config: &Path) -> Result<(), DemoError> {
+    edit_agent_config(config, "egress", |egress| {
+        egress.insert("firewall".into(), toml::Value::String("off".into()));
+    })
 }
 
 fn expect_success(t: &TaskView) -> Result<(), DemoError> {
@@ -383,6 +430,38 @@ mod tests {
         .unwrap();
         assert_eq!(shipped, HELLO_MAIN_TF);
         assert!(HELLO_MAIN_TF.contains("terraform_data"));
+    }
+
+    #[test]
+    fn effective_uid_is_the_second_uid_field() {
+        let status = "Name:\tdelegate-cp\nUid:\t1000\t0\t0\t0\nGid:\t1000\t1000\t1000\t1000\n";
+        assert_eq!(effective_uid(status), Some(0));
+        assert_eq!(effective_uid("Uid:\t0\t1000\t1000\t1000\n"), Some(1000));
+        assert_eq!(effective_uid("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn firewall_off_is_written_into_the_agent_config_keeping_the_rest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = tmp.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            "name = \"demo\"\n[sandbox]\nimage = \"x\"\n[egress]\nallow = [\"a:443\"]\n",
+        )
+        .unwrap();
+        set_firewall_off(&config).unwrap();
+        add_sandbox_labels(&config, &[("gpu".into(), "no".into())]).unwrap();
+        let doc: toml::Table = std::fs::read_to_string(&config).unwrap().parse().unwrap();
+        assert_eq!(doc["egress"]["firewall"].as_str(), Some("off"));
+        assert_eq!(doc["egress"]["allow"][0].as_str(), Some("a:443"));
+        assert_eq!(doc["sandbox"]["image"].as_str(), Some("x"));
+        assert_eq!(doc["sandbox"]["labels"]["gpu"].as_str(), Some("no"));
+        assert_eq!(doc["name"].as_str(), Some("demo"));
+        // Without an [egress] table: created.
+        std::fs::write(&config, "name = \"demo\"\n").unwrap();
+        set_firewall_off(&config).unwrap();
+        let doc: toml::Table = std::fs::read_to_string(&config).unwrap().parse().unwrap();
+        assert_eq!(doc["egress"]["firewall"].as_str(), Some("off"));
     }
 
     #[test]
