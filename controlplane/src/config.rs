@@ -53,6 +53,11 @@ pub struct CpConfig {
     /// How long a disconnected agent may stay silent before its running tasks end `lost`.
     #[serde(default = "default_lost_after")]
     pub lost_after_ms: u64,
+    /// How long a succeeded plan can be approved with the secrets it was submitted with
+    /// (humantime, e.g. "24h"): the control plane keeps them in memory until then, then drops
+    /// them and the plan must be submitted again.
+    #[serde(default = "default_approval_ttl")]
+    pub approval_ttl: String,
 }
 
 fn default_heartbeat() -> u64 {
@@ -70,6 +75,9 @@ fn default_agent_cert_ttl() -> String {
 fn default_lost_after() -> u64 {
     10 * 60 * 1000
 }
+fn default_approval_ttl() -> String {
+    "24h".into()
+}
 
 /// Bounds of `agent_cert_ttl`: long enough to renew at two thirds of it, short enough to matter.
 pub const AGENT_CERT_TTL_MIN: Duration = Duration::from_secs(10 * 60);
@@ -86,6 +94,7 @@ impl Default for CpConfig {
             agent_cert_ttl: default_agent_cert_ttl(),
             lease_ms: None,
             lost_after_ms: default_lost_after(),
+            approval_ttl: default_approval_ttl(),
         }
     }
 }
@@ -154,6 +163,9 @@ impl CpConfig {
         if let Err(e) = parse_agent_cert_ttl(&self.agent_cert_ttl) {
             errors.push(format!("agent_cert_ttl: {e}"));
         }
+        if let Err(e) = parse_approval_ttl(&self.approval_ttl) {
+            errors.push(format!("approval_ttl: {e}"));
+        }
         let lease = self.lease_policy();
         if let Some(l) = self.lease_ms {
             if l <= self.heartbeat_interval_ms || l > 24 * 3_600_000 {
@@ -200,6 +212,11 @@ impl CpConfig {
         parse_agent_cert_ttl(&self.agent_cert_ttl).unwrap_or(Duration::from_secs(24 * 3600))
     }
 
+    /// `approval_ttl` as a duration (validated at load; the default if it somehow is not).
+    pub fn approval_ttl(&self) -> Duration {
+        parse_approval_ttl(&self.approval_ttl).unwrap_or(Duration::from_secs(24 * 3600))
+    }
+
     pub fn to_toml(&self) -> String {
         // Plain strings and integers: serialisation cannot fail.
         toml::to_string(self).unwrap_or_default()
@@ -212,6 +229,20 @@ pub fn parse_agent_cert_ttl(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{s:?} is not a duration like \"24h\" ({e})"))?;
     if !(AGENT_CERT_TTL_MIN..=AGENT_CERT_TTL_MAX).contains(&d) {
         return Err(format!("{s:?} is outside 10m..=366d"));
+    }
+    Ok(d)
+}
+
+/// Bounds of `approval_ttl`: secrets of an unapproved plan stay in memory at most a month.
+pub const APPROVAL_TTL_MIN: Duration = Duration::from_secs(60);
+pub const APPROVAL_TTL_MAX: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// A humantime duration within [`APPROVAL_TTL_MIN`]..=[`APPROVAL_TTL_MAX`].
+pub fn parse_approval_ttl(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration like \"24h\" ({e})"))?;
+    if !(APPROVAL_TTL_MIN..=APPROVAL_TTL_MAX).contains(&d) {
+        return Err(format!("{s:?} is outside 1m..=30d"));
     }
     Ok(d)
 }
@@ -338,6 +369,22 @@ mod tests {
             err.contains("lease_ms") && err.contains("lost_after_ms"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn approval_ttl_parsed_and_bounded() {
+        let base = "agent_listen = \"127.0.0.1:1\"\napi_listen = \"127.0.0.1:2\"\n";
+        let cfg = CpConfig::parse(Path::new("x"), base).unwrap();
+        assert_eq!(cfg.approval_ttl(), Duration::from_secs(24 * 3600));
+        let cfg =
+            CpConfig::parse(Path::new("x"), &format!("{base}approval_ttl = \"90m\"\n")).unwrap();
+        assert_eq!(cfg.approval_ttl(), Duration::from_secs(5400));
+        for bad in ["\"soon\"", "\"10s\"", "\"60d\""] {
+            let err = CpConfig::parse(Path::new("x"), &format!("{base}approval_ttl = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("approval_ttl:"), "{err}");
+        }
     }
 
     #[test]

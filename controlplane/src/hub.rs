@@ -47,6 +47,27 @@ pub struct Hub {
     /// Recent rejections per queued task, so a task is not offered straight back to the agent
     /// that refused it.
     pub rejections: HashMap<Uuid, Vec<Rejection>>,
+    /// Succeeded plans whose secrets are kept for approval, until `approval_ttl` has passed or a
+    /// newer plan or apply of the workspace has finished.
+    pub kept: HashMap<Uuid, KeptPlan>,
+    /// Why the kept secrets of a plan were dropped (for approve's message), until `until_ms`.
+    pub dropped: HashMap<Uuid, DroppedSecrets>,
+}
+
+/// A plan awaiting approval whose secrets are in [`Hub::secrets`].
+#[derive(Debug, Clone)]
+pub struct KeptPlan {
+    pub workspace: String,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct DroppedSecrets {
+    /// Completes "the plan's secrets …".
+    pub reason: String,
+    /// Forgotten after this (the plan's approval window is over by then in any case).
+    pub until_ms: i64,
 }
 
 impl Hub {
@@ -77,6 +98,7 @@ impl Hub {
         }
         if !keep_secrets {
             self.secrets.remove(&id);
+            self.kept.remove(&id);
         }
         self.rejections.remove(&id);
     }

@@ -281,14 +281,18 @@ impl ControlPlane {
     }
 }
 
-/// Check leases every quarter lease (at least every 50 ms), until the process ends.
+/// Check leases (and expire plans' kept secrets) every quarter lease (at least every 50 ms),
+/// until the process ends.
 pub async fn run_leases(cp: Arc<ControlPlane>) {
     let every = Duration::from_millis((cp.config.lease_policy().lease_ms / 4).max(50) as u64);
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        cp.check_leases(crate::now_ms());
+        let now = crate::now_ms();
+        cp.check_leases(now);
+        // The same tick closes the approval windows of plans' kept secrets.
+        cp.expire_plan_secrets(now);
     }
 }
 

@@ -17,7 +17,8 @@
 //!   of agent certificates, revocation.
 //! - `agent_link`: the agent endpoint (mTLS, WebSocket, Hello/Welcome, heartbeats, frames).
 //! - `tasks`, `state`: what agents' task messages and state requests do.
-//! - `task_ops`: what users do to tasks (submit, cancel, approve).
+//! - `task_ops`: what users do to tasks (submit, cancel, approve); `approval`: how long a plan's
+//!   secrets are kept for its approval.
 //! - `api`, `api_tasks`, `api_admin`: the user API (HTTPS, bearer token, JSON); `api_admin` has
 //!   workspace secrets and at-rest keys; `json_body` parses request bodies without echoing values.
 //! - `keys`: `keys rotate` / `keys reseal` (through a running control plane, or offline).
@@ -29,6 +30,7 @@ pub mod agent_link;
 pub mod api;
 pub mod api_admin;
 pub mod api_tasks;
+pub mod approval;
 pub mod at_rest;
 pub mod audit;
 pub mod cli;

@@ -431,6 +431,11 @@ impl ControlPlane {
 
     /// Turn a finished, succeeded plan into an apply task carrying the plan's sha256.
     pub fn approve(&self, id: Uuid, who: &str) -> Result<TaskRow, OpError> {
+        self.approve_at(id, who, crate::now_ms())
+    }
+
+    /// [`Self::approve`] at `now_ms` (the plan's secrets may have expired by then).
+    pub fn approve_at(&self, id: Uuid, who: &str, now_ms: i64) -> Result<TaskRow, OpError> {
         let t = self
             .store
             .task(id)
@@ -470,6 +475,10 @@ impl ControlPlane {
                 "task {id} was already approved as task {apply}"
             )));
         }
+        if let Some(why) = self.approval_secrets_refusal(&t, now_ms) {
+            self.audit(who, "task.approve_refused", &id.to_string(), &why);
+            return Err(refuse(why));
+        }
         let artifacts = self.store.artifacts(id).map_err(internal)?;
         let plan = artifacts
             .iter()
@@ -477,9 +486,14 @@ impl ControlPlane {
             .ok_or_else(|| refuse(format!("task {id} has no stored plan file to apply")))?;
         let secrets = self.hub().secrets.get(&id).cloned().unwrap_or_default();
         if !t.inputs.secret_names.is_empty() && secrets.0.is_empty() {
-            return Err(refuse(format!(
-                "the secrets of task {id} were held in memory only and the control plane restarted; submit a new plan"
-            )));
+            // Dropped since the check above (the window closed meanwhile).
+            let why = self
+                .approval_secrets_refusal(&t, now_ms)
+                .unwrap_or_else(|| {
+                    format!("the plan's secrets are gone; submit the plan again (task {id})")
+                });
+            self.audit(who, "task.approve_refused", &id.to_string(), &why);
+            return Err(refuse(why));
         }
         let apply_id = Uuid::new_v4();
         if !self.store.set_approved_as(id, apply_id).map_err(internal)? {
@@ -514,7 +528,10 @@ impl ControlPlane {
             who,
             &format!(" plan sha256 {} approved from {id}", plan.sha256),
         )?;
-        self.hub().secrets.remove(&id);
+        let mut hub = self.hub();
+        hub.secrets.remove(&id);
+        hub.kept.remove(&id);
+        drop(hub);
         Ok(row)
     }
 }

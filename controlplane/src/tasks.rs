@@ -728,9 +728,11 @@ impl ControlPlane {
             tracing::debug!(task = %id, kind = a.kind.as_str(), size = a.size, "artifact stored");
         }
         if let Some((outcome, reason)) = finished {
+            let keeps = keeps_secrets(&t, outcome);
             let mut hub = self.hub();
-            hub.forget_task(Some(agent), id, keeps_secrets(&t, outcome));
+            hub.forget_task(Some(agent), id, keeps);
             drop(hub);
+            self.secrets_after_finish(&t, outcome, keeps, now);
             tracing::info!(task = %id, agent, outcome = outcome.as_str(), reason = reason.as_deref().unwrap_or(""), "task finished");
             let detail = match &reason {
                 Some(r) => format!("{}: {r}", outcome.as_str()),
