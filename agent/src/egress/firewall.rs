@@ -35,8 +35,9 @@ use tokio::process::Command;
 /// its gateway IP.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Isolation {
-    /// The bridge interface name (Docker: `br-<network id prefix>`, or the network's
-    /// `com.docker.network.bridge.name` option).
+    /// The bridge interface name: the agent names its task networks' bridges `dlg` + 12 hex
+    /// digits of the task id (Docker's `com.docker.network.bridge.name` option); Docker's own
+    /// default would be `br-<network id prefix>`.
     pub bridge: String,
     /// The bridge's address on the host, where the proxy (and backend) listen.
     pub gateway: IpAddr,

@@ -11,18 +11,22 @@
 //! # Topology (Docker)
 //!
 //! ```text
-//!   sandbox container ── task network (internal: true, bridge br-X, subnet S, gateway G) ──┐
+//!   sandbox container ── task network (internal: true, bridge dlgX, subnet S, gateway G) ──┐
 //!                                                                                           │ host
 //!   agent: EgressProxy on G:p  ◄── the only thing a sandbox may reach (plus the state       │
 //!          StateServer on G:b      backend), enforced by the INPUT rules below               │
 //!          ── outbound to checked addresses only ──► allowed upstreams                       │
 //! ```
 //!
+//! `dlgX` is the task network's bridge interface: `dlg` + the first 12 hex digits of the task id
+//! (15 characters, the kernel's limit; `crate::sandbox::egress_wiring::bridge_name`), so its nft
+//! table is `inet delegate_dlgX` and its iptables chain `DLG-dlgX`.
+//!
 //! - The task network is `internal: true`: Docker drops forwarding between it and any other
 //!   interface, so nothing leaves it by routing. (Docker 20.10 still gives the containers a default
 //!   route via `G`: a direct connection elsewhere reaches the host's FORWARD path, where the rules
 //!   below reject it first — and remember it for the audit trail.)
-//! - The proxy listens on the network's gateway IP `G` — an address the host holds on bridge `br-X`
+//! - The proxy listens on the network's gateway IP `G` — an address the host holds on bridge `dlgX`
 //!   — so only containers on that network reach it. One proxy per task network is the simplest
 //!   wiring; several tasks may share one (each credential carries its own policy and may be
 //!   fenced to its task subnet with `register(.., Some(S))`).
@@ -30,17 +34,17 @@
 //!   database, docker-proxy for published ports, the agent's own metrics) answers a sandbox there,
 //!   because traffic *to the host* takes the INPUT path, which Docker's isolation rules do not
 //!   touch. Hence the agent owns, per task bridge ([`firewall::render_nft`]):
-//!   - input: from `br-X`, accept TCP to `G` on the proxy port and the state-backend port; reject
+//!   - input: from `dlgX`, accept TCP to `G` on the proxy port and the state-backend port; reject
 //!     everything else (TCP reset, ICMP admin-prohibited for the rest, so tools fail fast). This
 //!     covers every host address, not only `G`, and IPv6.
-//!   - forward: reject anything entering or leaving `br-X` from or to another interface — a second
+//!   - forward: reject anything entering or leaving `dlgX` from or to another interface — a second
 //!     lock behind Docker's isolation, and it also stops DNAT'd published ports of other
 //!     containers and other tasks' networks.
-//!   - nft also remembers each distinct TCP/UDP destination it rejected from `br-X` (input and
+//!   - nft also remembers each distinct TCP/UDP destination it rejected from `dlgX` (input and
 //!     forward), so a sandbox's attempts to bypass the proxy are audited
 //!     ([`firewall::rejected`]).
 //!
-//!   With nftables these live in one table per bridge (`inet delegate_br_X`), applied atomically and
+//!   With nftables these live in one table per bridge (`inet delegate_dlgX`), applied atomically and
 //!   removed with the task, independent of the iptables backend Docker uses; without `nft` the same
 //!   set is rendered for `iptables`/`ip6tables` ([`firewall::render_iptables`]).
 //! - Names are resolved by the proxy, never by the sandbox; the proxy refuses loopback, link-local
@@ -63,8 +67,10 @@
 //!    Arc::new(SystemResolver), records_tx)`.
 //! 3. `let creds = proxy.register(&task_id, policy, Some(task_subnet))?;`
 //! 4. `firewall::apply(backend, &Isolation { bridge, gateway, proxy_port, backend_port })` before
-//!    the first container starts (`backend` from [`firewall::detect`]; bridge `br-` + the first 12
-//!    characters of the network id, or the network's `com.docker.network.bridge.name` option).
+//!    the first container starts (`backend` from [`firewall::detect`], checked usable once at start
+//!    by `crate::sandbox::egress_wiring::firewall_backend`; bridge `dlg` + the first 12 hex digits
+//!    of the task id, `egress_wiring::bridge_name`, which the agent gives Docker as the network's
+//!    `com.docker.network.bridge.name` option, so the rules are named before Docker answers).
 //! 5. Container env: `creds.sandbox_env(proxy.local_addr(), &[gateway.to_string()])` (NO_PROXY lets
 //!    tofu reach the state backend directly). The password is a secret: add `creds.password` to the
 //!    task's redaction set.
