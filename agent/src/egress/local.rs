@@ -1,10 +1,13 @@
 //! The host's own addresses, for the proxy's protected-network list: a sandbox must not reach the
 //! agent's host through any of its addresses, even by a name that resolves to one.
 //!
-//! Read from `/proc/net/fib_trie` (IPv4 local routes) and `/proc/net/if_inet6`, so no netlink and
-//! no `unsafe`. These files show the network namespace the agent runs in: on a VM that is the host;
-//! in a container sidecar it is the agent container's own, and the operator adds the node's
-//! addresses to the protected list (or relies on the firewall rules of [`super::firewall`]).
+//! Read from `/proc/self/net/fib_trie` (IPv4 local routes) and `/proc/self/net/if_inet6`, so no
+//! netlink and no `unsafe`. These files show the network namespace the agent runs in: on a VM that
+//! is the host; in a container sidecar it is the agent container's own, and the operator adds the
+//! node's addresses to the protected list (or relies on the firewall rules of [`super::firewall`]).
+//! They are read under `/proc/self/net`, not the `/proc/net` symlink: a procfs mounted with
+//! `subset=pid` (systemd's `ProcSubset=pid`) hides `/proc/net` but keeps the process's own
+//! directory, whose `net/` is the same view of its network namespace.
 //!
 //! The parsers are pure; [`host_addresses`] only reads the two files.
 
@@ -12,7 +15,7 @@ use super::rules::Cidr;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-/// Every local IPv4 address in a `/proc/net/fib_trie` text (the `/32 host LOCAL` leaves).
+/// Every local IPv4 address in a `fib_trie` text (the `/32 host LOCAL` leaves).
 pub fn parse_fib_trie(text: &str) -> Vec<Ipv4Addr> {
     let mut out = BTreeSet::new();
     let mut last: Option<Ipv4Addr> = None;
@@ -29,7 +32,7 @@ pub fn parse_fib_trie(text: &str) -> Vec<Ipv4Addr> {
     out.into_iter().collect()
 }
 
-/// Every address in a `/proc/net/if_inet6` text.
+/// Every address in an `if_inet6` text.
 pub fn parse_if_inet6(text: &str) -> Vec<Ipv6Addr> {
     let mut out = BTreeSet::new();
     for line in text.lines() {
@@ -48,8 +51,8 @@ pub fn parse_if_inet6(text: &str) -> Vec<Ipv6Addr> {
 /// The addresses of this network namespace as /32 and /128 networks. A file that cannot be read
 /// contributes nothing (IPv6 may be disabled); both unreadable is an error.
 pub fn host_addresses() -> std::io::Result<Vec<Cidr>> {
-    let v4 = std::fs::read_to_string("/proc/net/fib_trie");
-    let v6 = std::fs::read_to_string("/proc/net/if_inet6");
+    let v4 = std::fs::read_to_string("/proc/self/net/fib_trie");
+    let v6 = std::fs::read_to_string("/proc/self/net/if_inet6");
     if let (Err(e), Err(_)) = (&v4, &v6) {
         return Err(std::io::Error::new(
             e.kind(),
