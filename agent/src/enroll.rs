@@ -9,6 +9,11 @@
 //! certificate, the CA and a ready `agent.toml` written (each atomically) into the output
 //! directory, which is created 0700.
 //!
+//! An output directory that already holds an enrolled identity ([`existing_identity`]: `agent.key`,
+//! `agent.pem` and `agent.toml`) is refused; with `--if-absent` the command accepts it instead and
+//! exits 0 without contacting the control plane (so the token is not spent), which makes enrolling
+//! idempotent for an init container or a provisioning script that runs again.
+//!
 //! Must never: send or log the key, log the token (it is a secret until used; it appears in no
 //! error), overwrite an existing key, or write anything when enrollment failed.
 
@@ -292,6 +297,19 @@ pub fn default_name() -> Option<String> {
     valid_name(&short).then_some(short)
 }
 
+/// The files that make an enrolled identity in an output directory (`ca.pem` may be replaced by
+/// `control_plane.ca_file` pointing elsewhere, so it is not required).
+pub const IDENTITY_FILES: [&str; 3] = ["agent.key", "agent.pem", "agent.toml"];
+
+/// `<out>/agent.toml` when `out` already holds an enrolled identity (every one of
+/// [`IDENTITY_FILES`]); `None` when any is missing. Reads nothing but file metadata.
+pub fn existing_identity(out: &Path) -> Option<PathBuf> {
+    IDENTITY_FILES
+        .iter()
+        .all(|f| out.join(f).is_file())
+        .then(|| out.join("agent.toml"))
+}
+
 /// Enroll: key, CSR, POST, checks, files.
 pub async fn enroll(req: &EnrollRequest) -> Result<Enrolled, EnrollError> {
     let endpoint = enroll_endpoint(&req.url)?;
@@ -307,10 +325,23 @@ pub async fn enroll(req: &EnrollRequest) -> Result<Enrolled, EnrollError> {
     }
     let key_path = req.out.join("agent.key");
     if key_path.exists() {
-        return Err(EnrollError::Usage(format!(
-            "{} already exists: this directory holds an enrolled identity; remove it first or choose another --out",
-            key_path.display()
-        )));
+        let missing: Vec<&str> = IDENTITY_FILES
+            .iter()
+            .copied()
+            .filter(|f| !req.out.join(f).is_file())
+            .collect();
+        return Err(EnrollError::Usage(if missing.is_empty() {
+            format!(
+                "{} already exists: this directory holds an enrolled identity; remove it first or choose another --out (or pass --if-absent to keep it)",
+                key_path.display()
+            )
+        } else {
+            format!(
+                "{} already exists but {} does not: an earlier enrollment did not finish; remove the key and enroll again (with a new token if that one was used)",
+                key_path.display(),
+                missing.join(" and ")
+            )
+        }));
     }
 
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)

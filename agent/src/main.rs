@@ -93,6 +93,10 @@ enum Command {
         /// data_dir written into agent.toml (default: OUT/data).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// When --out already holds an enrolled identity (agent.key, agent.pem and agent.toml),
+        /// say so and exit 0 without contacting the control plane (the token is not used).
+        #[arg(long)]
+        if_absent: bool,
     },
 }
 
@@ -185,7 +189,8 @@ fn main() -> ExitCode {
             name,
             out,
             data_dir,
-        } => enroll(url, token, ca_sha256, name, out, data_dir),
+            if_absent,
+        } => enroll(url, token, ca_sha256, name, out, data_dir, if_absent),
     }
 }
 
@@ -196,8 +201,19 @@ fn enroll(
     name: Option<String>,
     out: PathBuf,
     data_dir: Option<PathBuf>,
+    if_absent: bool,
 ) -> ExitCode {
     use delegate_agent::enroll::{self, EnrollError, EnrollRequest};
+    if if_absent {
+        if let Some(config) = enroll::existing_identity(&out) {
+            println!(
+                "already enrolled: {} holds agent.key, agent.pem and agent.toml (--if-absent: nothing sent, the token was not used)",
+                out.display()
+            );
+            println!("configuration: {}", config.display());
+            return ExitCode::SUCCESS;
+        }
+    }
     let Some(name) = name.or_else(enroll::default_name) else {
         eprintln!("delegate: the host name is not a usable agent name; pass --name");
         return ExitCode::from(2);

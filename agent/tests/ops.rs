@@ -1310,6 +1310,54 @@ async fn enroll_writes_a_working_bundle_and_reports_refused_tokens() {
     .unwrap();
     assert_eq!(r.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&r.stderr).contains("already exists"));
+
+    // --if-absent on that enrolled directory: exit 0, nothing sent, nothing changed.
+    let before = seen.lock().unwrap().len();
+    let key_before = std::fs::read(out.join("agent.key")).unwrap();
+    let if_absent = |dir: String| {
+        let (url, hash) = (url.clone(), hash.clone());
+        tokio::task::spawn_blocking(move || {
+            enroll_cmd(&[
+                "--if-absent",
+                "--url",
+                &url,
+                "--token",
+                "good",
+                "--ca-sha256",
+                &hash,
+                "--name",
+                "vm-1",
+                "--out",
+                &dir,
+            ])
+        })
+    };
+    let r = if_absent(o.clone()).await.unwrap();
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    assert_eq!(
+        r.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(stdout.contains("already enrolled"), "{stdout}");
+    assert_eq!(seen.lock().unwrap().len(), before, "nothing is sent");
+    assert_eq!(std::fs::read(out.join("agent.key")).unwrap(), key_before);
+    // A key without the rest (an enrollment that did not finish) is not an identity: refused
+    // with and without the flag, naming what is missing.
+    let partial = pki.path("tls-partial");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::copy(out.join("agent.key"), partial.join("agent.key")).unwrap();
+    let r = if_absent(partial.to_str().unwrap().to_string())
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("agent.pem and agent.toml") && err.contains("did not finish"),
+        "{err}"
+    );
+    assert_eq!(seen.lock().unwrap().len(), before);
 }
 
 #[tokio::test]

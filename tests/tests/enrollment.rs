@@ -5,7 +5,9 @@
 //!   a used token and an unknown one are refused with the control plane's message, and audited;
 //! - renewal: an agent whose certificate is past two thirds of its life gets a new one over the
 //!   live link (the connection stays), and connects with it next time;
-//! - revocation: `agents revoke` disconnects the agent and refuses it from then on.
+//! - revocation: `agents revoke` disconnects the agent and refuses it from then on;
+//! - `enroll --if-absent` on an enrolled directory exits 0 without sending anything: the files stay
+//!   as they were and the token keeps its unused use.
 //!
 //! These need the control plane's side of enrollment (`tokens create`, the enrollment endpoint,
 //! `renew_request` handling, `agents revoke`). A control plane binary without a command prints a
@@ -167,6 +169,107 @@ async fn token_enrollment_then_run_and_refused_tokens() {
     }
     agent.signal(libc::SIGTERM);
     let _ = agent.wait(WAIT);
+}
+
+/// `enroll --if-absent` on a directory that already holds an identity (an init container or a
+/// provisioning script running again): exit 0, the files untouched, nothing sent, so the token's
+/// second use is still there; without the flag the same call is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn enroll_if_absent_keeps_the_identity_and_does_not_spend_the_token() {
+    let mut cp = ControlPlane::init(&[], Some(300));
+    cp.start().await;
+    if !has_command(&cp, &["tokens", "create"]) {
+        return;
+    }
+    let t = cp.cli_json(&[
+        "tokens", "create", "--pool", "edge", "--ttl", "1h", "--uses", "2", "--json",
+    ]);
+    let (token, url, hash) = (
+        t["token"].as_str().unwrap().to_string(),
+        t["url"].as_str().unwrap().to_string(),
+        t["ca_sha256"].as_str().unwrap().to_string(),
+    );
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("tls");
+    let enroll_if_absent = |name: &str, dir: &Path| -> Output {
+        Command::new(delegate_tests::process::bin("delegate"))
+            .args(["enroll", "--if-absent", "--url", &url, "--token", &token])
+            .args(["--ca-sha256", &hash, "--name", name, "--out"])
+            .arg(dir)
+            .env_remove("DELEGATE_ENROLL_TOKEN")
+            .output()
+            .unwrap()
+    };
+    // An empty directory: --if-absent enrolls as usual (first use of the token).
+    let o = enroll_if_absent("absent-1", &out);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("enrolled as absent-1"), "{}", text(&o));
+    let files = ["agent.key", "agent.pem", "ca.pem", "agent.toml"];
+    let snapshot = || -> Vec<(Vec<u8>, std::time::SystemTime)> {
+        files
+            .iter()
+            .map(|f| {
+                let p = out.join(f);
+                (
+                    std::fs::read(&p).unwrap(),
+                    std::fs::metadata(&p).unwrap().modified().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let before = snapshot();
+
+    // Again, same token and directory: already enrolled, exit 0, nothing written or sent.
+    let again = enroll_if_absent("absent-1", &out);
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+    assert!(
+        text(&again).contains("already enrolled"),
+        "{}",
+        text(&again)
+    );
+    assert!(!text(&again).contains(&token), "{}", text(&again));
+    assert!(
+        snapshot() == before,
+        "--if-absent changed the identity files"
+    );
+    // Without the flag: refused as a usage error (2), files unchanged.
+    let refused = enroll(&url, &token, &hash, "absent-1", &out);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("already exists") && text(&refused).contains("--if-absent"),
+        "{}",
+        text(&refused)
+    );
+    assert!(snapshot() == before);
+    // Neither reached the control plane: one enrollment, no refusal audited ...
+    assert_eq!(
+        cp.audit_actions("agent.enrolled").len(),
+        1,
+        "{:#?}",
+        cp.audit()
+    );
+    assert_eq!(
+        cp.audit_actions("token.refused").len(),
+        0,
+        "{:#?}",
+        cp.audit()
+    );
+    // ... and the token's second use is still there for another host.
+    let second = enroll(&url, &token, &hash, "absent-2", &work.path().join("b"));
+    assert!(second.status.success(), "{}", text(&second));
+    assert_eq!(
+        cp.audit_actions("agent.enrolled").len(),
+        2,
+        "{:#?}",
+        cp.audit()
+    );
+    // Now it is used up; --if-absent on the enrolled directory still succeeds without it.
+    let used = enroll(&url, &token, &hash, "absent-3", &work.path().join("c"));
+    assert_eq!(used.status.code(), Some(1), "{}", text(&used));
+    assert!(text(&used).contains("HTTP 410"), "{}", text(&used));
+    let o = enroll_if_absent("absent-1", &out);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(snapshot() == before);
 }
 
 #[tokio::test(flavor = "multi_thread")]
