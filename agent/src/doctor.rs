@@ -5,16 +5,20 @@
 //! (0700), the certificate (validity, days left, key match, CA), the control plane (TCP, TLS 1.3
 //! with the client certificate, WebSocket, protocol version — through [`crate::link::probe`],
 //! which never takes over a running agent's connection), the Docker API and its version, the
-//! sandbox image, free space in `data_dir`, and the egress configuration (rules parse; a network
-//! provider mirror is on the allowlist).
+//! sandbox image, free space in `data_dir`, the egress configuration (rules parse; a network
+//! provider mirror is on the allowlist), and the egress host firewall (the same detection and
+//! read-only listing the agent's start-up check runs, `nft list tables` or `iptables -L INPUT`, so
+//! a host without nft/iptables or without `CAP_NET_ADMIN` is caught before every task is refused).
 //!
 //! The decisions are plain functions over what was observed ([`check_key_mode`],
-//! [`check_data_dir_mode`], [`check_certificate`], [`check_free_space`], [`check_egress`], ...);
-//! the async edges only gather the facts. Doctor never changes anything on the host, never pulls
-//! an image, and never prints key material.
+//! [`check_data_dir_mode`], [`check_certificate`], [`check_free_space`], [`check_egress`],
+//! [`check_firewall`], ...); the async edges only gather the facts. Doctor never changes anything
+//! on the host, never pulls an image, and never prints key material.
 
 use crate::config::{self, Config};
+use crate::egress::firewall::{Backend, FirewallError};
 use crate::link::{self, LinkError};
+use crate::sandbox::egress_wiring::{self, EgressError, FirewallMode};
 use crate::tls;
 use serde::Serialize;
 use std::path::Path;
@@ -258,6 +262,85 @@ pub fn check_egress(cfg: &Config) -> Check {
     )
 }
 
+/// The egress host firewall: `found` is what the agent's start-up check
+/// ([`egress_wiring::firewall_backend`]) gives for `mode` in this process, run as `uid`.
+pub fn check_firewall(
+    mode: FirewallMode,
+    found: &Result<Option<Backend>, EgressError>,
+    uid: u32,
+) -> Check {
+    const NAME: &str = "egress firewall";
+    let how = match mode {
+        FirewallMode::Auto => "detected",
+        _ => "egress.firewall",
+    };
+    let privileges = "run the agent as root, or as its own user with CAP_NET_ADMIN and AF_NETLINK \
+        as systemd/delegate.service grants them (AmbientCapabilities=CAP_NET_ADMIN, \
+        RestrictAddressFamilies=... AF_NETLINK); doctor checks with its own privileges, so run it \
+        the way the agent runs. Or set [egress] firewall = \"off\" if the task bridges (dlg*) are \
+        isolated from the host some other way";
+    let install =
+        "install nftables (e.g. apt-get install nftables), or set [egress] firewall = \"off\" \
+        if the task bridges (dlg*) are isolated from the host some other way";
+    match found {
+        Ok(None) => Check::warn(
+            NAME,
+            "off (egress.firewall = \"off\"): the agent installs no host firewall rules for its task \
+             bridges, so a sandbox can reach every service listening on this host's addresses \
+             (sshd, databases, published ports, the agent's metrics) and whatever the host routes \
+             to; the egress proxy enforces the allowlist only for traffic sent through it",
+            "keep it off only where the task bridges (dlg*) are isolated another way (e.g. \
+             packaging/k8s/node-firewall.nft on the node); otherwise remove egress.firewall and \
+             install nftables",
+        ),
+        Ok(Some(Backend::Nft)) => Check::ok(
+            NAME,
+            format!(
+                "nft ({how}) may change the firewall: each task bridge dlg… gets a table \
+                 inet delegate_dlg…, and rejected attempts are audited"
+            ),
+        ),
+        Ok(Some(Backend::Iptables)) => Check::ok(
+            NAME,
+            format!(
+                "iptables ({how}) may change the firewall: each task bridge dlg… gets a chain \
+                 DLG-dlg… (rejected attempts are not audited; nft would)"
+            ),
+        ),
+        Err(EgressError::NoFirewall) => Check::fail(
+            NAME,
+            "neither nft nor iptables runs on this host: the agent starts, but its start-up \
+             firewall check fails and every task is refused",
+            install,
+        ),
+        Err(EgressError::Firewall(FirewallError::Missing(tool))) => Check::fail(
+            NAME,
+            format!(
+                "egress.firewall = \"{}\" but {tool} is not installed: every task would be refused",
+                mode.as_str()
+            ),
+            if *tool == "nft" {
+                install.to_string()
+            } else {
+                format!("install {tool}, or leave egress.firewall at \"auto\" with nftables installed")
+            },
+        ),
+        Err(EgressError::Firewall(FirewallError::NotPermitted { tool, detail })) => Check::fail(
+            NAME,
+            format!(
+                "{tool} is not permitted to change the firewall as uid {uid} (no root or \
+                 CAP_NET_ADMIN): every task would be refused ({detail})"
+            ),
+            privileges,
+        ),
+        Err(e) => Check::fail(
+            NAME,
+            format!("{e}: every task would be refused"),
+            privileges,
+        ),
+    }
+}
+
 /// A failed control plane probe, with the likely fix.
 pub fn check_probe_error(url: &str, e: &LinkError) -> Check {
     let detail = format!("{url}: {e}");
@@ -317,6 +400,7 @@ pub async fn run(config_path: &Path, timeout: Duration) -> Vec<Check> {
     checks.extend(docker(&cfg, timeout).await);
     checks.push(disk(&cfg));
     checks.push(check_egress(&cfg));
+    checks.push(firewall(&cfg, timeout).await);
     checks
 }
 
@@ -484,6 +568,21 @@ async fn docker(cfg: &Config, timeout: Duration) -> Vec<Check> {
     out
 }
 
+/// The agent's own start-up check: detect the backend, then a read-only listing (`nft list
+/// tables`, `iptables -w -n -L INPUT`) that needs the privileges rules would need.
+async fn firewall(cfg: &Config, timeout: Duration) -> Check {
+    let mode = cfg.egress.firewall;
+    let found = tokio::time::timeout(timeout, egress_wiring::firewall_backend(mode))
+        .await
+        .unwrap_or_else(|_| {
+            Err(EgressError::Firewall(FirewallError::Failed {
+                command: "nft/iptables".into(),
+                detail: format!("no answer within {}", humantime::format_duration(timeout)),
+            }))
+        });
+    check_firewall(mode, &found, rustix::process::geteuid().as_raw())
+}
+
 fn disk(cfg: &Config) -> Check {
     // data_dir may not exist yet: measure the nearest existing ancestor.
     let mut p = cfg.data_dir.as_path();
@@ -563,6 +662,70 @@ mod tests {
         assert_eq!(check_free_space(&d, 100 << 30).level, Level::Ok);
         assert_eq!(check_free_space(&d, 1 << 30).level, Level::Warn);
         assert_eq!(check_free_space(&d, 10 << 20).level, Level::Fail);
+    }
+
+    #[test]
+    fn firewall_findings() {
+        let off = check_firewall(FirewallMode::Off, &Ok(None), 0);
+        assert_eq!(off.level, Level::Warn);
+        assert!(
+            off.detail.contains("off") && off.detail.contains("sshd"),
+            "{off:?}"
+        );
+        assert!(off.fix.unwrap().contains("isolated another way"));
+
+        let nft = check_firewall(FirewallMode::Auto, &Ok(Some(Backend::Nft)), 0);
+        assert_eq!(nft.level, Level::Ok);
+        assert!(nft.detail.contains("delegate_dlg"), "{nft:?}");
+        let ipt = check_firewall(FirewallMode::Iptables, &Ok(Some(Backend::Iptables)), 0);
+        assert_eq!(ipt.level, Level::Ok);
+        assert!(ipt.detail.contains("egress.firewall"), "{ipt:?}");
+
+        let none = check_firewall(FirewallMode::Auto, &Err(EgressError::NoFirewall), 998);
+        assert_eq!(none.level, Level::Fail);
+        assert!(none.detail.contains("every task"), "{none:?}");
+        let fix = none.fix.unwrap();
+        assert!(fix.contains("install nftables") && fix.contains("firewall = \"off\""));
+
+        let missing = check_firewall(
+            FirewallMode::Nft,
+            &Err(EgressError::Firewall(FirewallError::Missing("nft"))),
+            998,
+        );
+        assert_eq!(missing.level, Level::Fail);
+        assert!(
+            missing.detail.contains("nft is not installed"),
+            "{missing:?}"
+        );
+        assert!(missing.fix.unwrap().contains("install nftables"));
+
+        let denied = check_firewall(
+            FirewallMode::Auto,
+            &Err(EgressError::Firewall(FirewallError::NotPermitted {
+                tool: "nft",
+                detail: "Operation not permitted".into(),
+            })),
+            998,
+        );
+        assert_eq!(denied.level, Level::Fail);
+        assert!(denied.detail.contains("uid 998"), "{denied:?}");
+        let fix = denied.fix.unwrap();
+        assert!(
+            fix.contains("root") && fix.contains("CAP_NET_ADMIN") && fix.contains("AF_NETLINK"),
+            "{fix}"
+        );
+
+        let failed = check_firewall(
+            FirewallMode::Auto,
+            &Err(EgressError::Firewall(FirewallError::Failed {
+                command: "nft list tables".into(),
+                detail: "cannot open netlink socket".into(),
+            })),
+            998,
+        );
+        assert_eq!(failed.level, Level::Fail);
+        assert!(failed.detail.contains("netlink"), "{failed:?}");
+        assert!(failed.fix.unwrap().contains("AF_NETLINK"));
     }
 
     #[test]

@@ -1394,7 +1394,16 @@ async fn enroll_refuses_a_server_that_does_not_present_the_pinned_ca() {
 // ------------------------------------------------------------------------------------------------
 
 fn doctor(config: &Path) -> (i32, serde_json::Value) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_delegate"))
+    doctor_with_path(config, None)
+}
+
+/// `doctor`, with `PATH` replaced when given (to hide nft and iptables).
+fn doctor_with_path(config: &Path, path: Option<&Path>) -> (i32, serde_json::Value) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_delegate"));
+    if let Some(p) = path {
+        cmd.env("PATH", p);
+    }
+    let out = cmd
         .args([
             "doctor",
             "--json",
@@ -1439,11 +1448,12 @@ async fn doctor_reports_each_failing_check_and_passes_the_control_plane_probe() 
     let pki = Pki::new();
     pki.agent_files(-1, 30);
     let server = Server::start(&pki).await;
+    // The host firewall off: a warning that says what that leaves open, not a failure.
     let config = write_config(
         &pki,
         &server.url(),
         "info",
-        "[egress]\nallow = [\"registry.example:443\"]\n",
+        "[egress]\nallow = [\"registry.example:443\"]\nfirewall = \"off\"\n",
     );
     std::fs::create_dir_all(pki.path("data")).unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -1478,6 +1488,8 @@ async fn doctor_reports_each_failing_check_and_passes_the_control_plane_probe() 
     );
     assert!(detail_of(&v, "control plane").contains("protocol v1"));
     assert_eq!(level_of(&v, "egress"), "ok");
+    assert_eq!(level_of(&v, "egress firewall"), "warn");
+    assert!(detail_of(&v, "egress firewall").contains("off"));
     // Docker is pointed at nothing: both Docker checks fail, so the exit code is 1.
     assert_eq!(level_of(&v, "docker"), "fail");
     assert_eq!(level_of(&v, "sandbox image"), "fail");
@@ -1511,9 +1523,13 @@ async fn doctor_reports_each_failing_check_and_passes_the_control_plane_probe() 
         "pull_policy = \"never\"\nprovider_mirror = \"https://mirror.internal:8443/providers/\"",
     );
     std::fs::write(&config, text).unwrap();
+    // The firewall at its default (auto) on a host without nft or iptables (an empty PATH): the
+    // agent would start but refuse every task, so doctor fails it.
+    let no_tools = pki.path("empty-path");
+    std::fs::create_dir_all(&no_tools).unwrap();
     let (code, v) = tokio::task::spawn_blocking({
         let c = config.clone();
-        move || doctor(&c)
+        move || doctor_with_path(&c, Some(&no_tools))
     })
     .await
     .unwrap();
@@ -1524,6 +1540,7 @@ async fn doctor_reports_each_failing_check_and_passes_the_control_plane_probe() 
         "certificate",
         "control plane",
         "egress",
+        "egress firewall",
         "docker",
         "sandbox image",
     ] {
@@ -1537,6 +1554,11 @@ async fn doctor_reports_each_failing_check_and_passes_the_control_plane_probe() 
     assert!(detail_of(&v, "key permissions").contains("chmod 600"));
     assert!(detail_of(&v, "data_dir permissions").contains("chmod 700"));
     assert!(detail_of(&v, "egress").contains("mirror.internal:8443"));
+    let fw = detail_of(&v, "egress firewall");
+    assert!(
+        fw.contains("neither nft nor iptables") && fw.contains("install nftables"),
+        "{fw}"
+    );
 
     // A configuration that does not load: one failing check naming the key.
     std::fs::write(&config, "data_dir = \"d\"\n[agent]\nslots = 0\n").unwrap();
