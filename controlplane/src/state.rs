@@ -4,6 +4,10 @@
 //! Owns: mapping OpenTofu http backend requests to store operations and HTTP statuses
 //! (GET 200/204, POST 200, LOCK 200/423, UNLOCK 200/409, DELETE 200, 423 on writes against
 //! another lock). Never lets an agent name a workspace: it is always the task's.
+//!
+//! A write without a lock id from the task that holds the workspace's lock is that holder's
+//! write: the agent uses it to store the `errored.tfstate` an apply left when it could not save
+//! its state while the agent (its backend) was down. Another task's write still needs the id.
 
 use crate::cp::ControlPlane;
 use crate::lock::{lock_id_of, Decision};
@@ -144,9 +148,13 @@ impl ControlPlane {
                     blob: blob.clone(),
                     task_id: Some(task_id.to_string()),
                 };
+                let lock_id = match &r.lock_id {
+                    Some(id) => Some(id.clone()),
+                    None => self.store.lock_held_by_task(ws, task_id)?,
+                };
                 match self
                     .store
-                    .state_write(ws, r.lock_id.as_deref(), false, &new, now)?
+                    .state_write(ws, lock_id.as_deref(), false, &new, now)?
                 {
                     Ok(version) => {
                         self.audit(

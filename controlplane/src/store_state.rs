@@ -197,6 +197,18 @@ impl Store {
         Ok(decision)
     }
 
+    /// The id of the lock `task_id` holds on `ws`, if it holds it.
+    pub fn lock_held_by_task(&self, ws: &str, task_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .db()
+            .query_row(
+                "SELECT lock_id FROM state_locks WHERE workspace = ?1 AND task_id = ?2",
+                [ws, task_id],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
     /// Release every lock a task still holds (it ended without unlocking: killed, timed out,
     /// lost). Returns the workspaces and the lock ids released.
     pub fn release_task_locks(&self, task_id: &str) -> Result<Vec<(String, String)>, StoreError> {

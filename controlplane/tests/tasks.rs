@@ -718,6 +718,18 @@ async fn state_relay_versions_and_locks() {
         200
     );
     let state1 = br#"{"version":4,"serial":1,"lineage":"L","resources":[]}"#;
+    // The holder's own write needs no lock id (the agent's errored.tfstate recovery); it is
+    // still the holder's write: c holds its workspace's lock.
+    assert_eq!(
+        state_req(&mut ws, c, 50, StateMethod::Post, None, Some(state1))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        state_req(&mut ws, c, 51, StateMethod::Get, None, None).await,
+        (200, state1.to_vec())
+    );
     assert_eq!(
         state_req(
             &mut ws,
