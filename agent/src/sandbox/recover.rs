@@ -51,7 +51,7 @@ use bollard::container::{AttachContainerOptions, KillContainerOptions, LogOutput
 use bollard::models::ContainerStateStatusEnum;
 use bollard::Docker;
 use bytes::Bytes;
-use delegate_protocol::{ChunkKind, EventKind, LogStream, Outcome, Summary};
+use delegate_protocol::{ChunkKind, EventKind, LogStream, Outcome, StateMethod, Summary};
 use futures_util::StreamExt;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -59,6 +59,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+/// Where tofu leaves the state it could not save to its backend.
+const ERRORED_STATE_PATH: &str = "/workspace/errored.tfstate";
 
 /// After SIGKILL, how long to wait for Docker to report a followed step's exit.
 const AFTER_KILL_WAIT: Duration = Duration::from_secs(60);
@@ -816,6 +819,11 @@ impl Inner {
                     )
                     .await?;
                 }
+                if report && mutates(step) && exit_code != 0 && !stopped {
+                    return Err(self
+                        .mutation_ended_away(journal, step.name, exit_code, out)
+                        .await);
+                }
                 if step.name == "plan" {
                     plan_exit = Some(exit_code);
                 }
@@ -974,6 +982,57 @@ impl Inner {
         }
         j.done(out, index, summary).await?;
         Ok(index + 1)
+    }
+
+    /// A step that changes infrastructure ended with an error while the agent was away. What it
+    /// printed from then on was not captured, so the agent cannot prove where it stands: the task
+    /// ends `lost`. The agent serves the task's state backend, so a step that ended while it was
+    /// down may have failed only because it could not save its state; tofu then leaves the state
+    /// in `errored.tfstate`. With the agent's backend, that state is stored as a new state
+    /// version (the task still holds the workspace's lock), so the control plane holds what the
+    /// step did; the reason says which happened.
+    async fn mutation_ended_away(
+        &self,
+        journal: &TaskJournal,
+        step: &str,
+        exit_code: i64,
+        out: &TaskOutputTx,
+    ) -> Ended {
+        let mut reason = format!(
+            "step `{step}` ended with exit code {exit_code} while the agent was away; what it \
+             printed from then on was not captured, so the agent cannot prove where the {step} stands"
+        );
+        let agent_backend = journal.exec.as_ref().is_some_and(|e| e.backend.is_some());
+        if agent_backend {
+            if let Ok(state) = self.download_from_volume(journal, ERRORED_STATE_PATH).await {
+                let (tx, rx) = oneshot::channel();
+                let relayed = out
+                    .send(TaskOutput::State {
+                        method: StateMethod::Post,
+                        lock_id: None,
+                        body: Some(state),
+                        reply: tx,
+                    })
+                    .await;
+                let status = match relayed {
+                    Ok(()) => rx.await.ok().map(|r| r.status),
+                    Err(_) => None,
+                };
+                match status {
+                    Some(200) => reason.push_str(
+                        "; tofu could not save the state it left (errored.tfstate), so the agent \
+                         stored that state as a new state version",
+                    ),
+                    other => reason.push_str(&format!(
+                        "; tofu could not save the state it left (errored.tfstate) and neither \
+                         could the agent ({}); the file is lost with the task's volume",
+                        other.map_or("the relay closed".to_string(), |s| format!("status {s}"))
+                    )),
+                }
+            }
+        }
+        reason.push_str("; check the workspace's state before running it again");
+        lost(reason)
     }
 
     /// A file from the task's volume, through a never-started helper container.
