@@ -258,6 +258,43 @@ impl ControlPlane {
         }
     }
 
+    /// A task ended with `outcome`: release the locks it still holds, except when an apply (or
+    /// a self-applying plan) ended `lost`. Then nobody knows what it did to the infrastructure,
+    /// so, as for an apply lost with its agent's lease (`lease`), its lock stays for a human, who
+    /// checks the workspace and force-unlocks it.
+    pub fn locks_after_end(
+        &self,
+        t: &crate::store_tasks::TaskRow,
+        outcome: delegate_protocol::Outcome,
+    ) {
+        if outcome != delegate_protocol::Outcome::Lost
+            || !crate::lease::applies(t.op, t.inputs.auto_approve)
+        {
+            return self.release_locks_of(t.id);
+        }
+        match self.store.locks_of_task(&t.id.to_string()) {
+            Ok(held) => {
+                for (ws, lock_id) in held {
+                    tracing::warn!(task = %t.id, workspace = %ws, "state lock kept: the apply ended lost");
+                    self.audit(
+                        "controlplane",
+                        "state.lock_kept",
+                        &format!("workspace/{ws}"),
+                        &format!(
+                            "lock {lock_id} kept: {} task {} ended lost; a human must check the \
+                             workspace's infrastructure and state, then force-unlock it \
+                             (DELETE /api/v1/workspaces/{ws}/lock)",
+                            t.op, t.id
+                        ),
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::error!(task = %t.id, error = %e, "cannot list the task's state locks")
+            }
+        }
+    }
+
     /// A task ended: release the state locks it still holds (tofu killed by cancel or timeout,
     /// or a lost agent, cannot unlock), so the workspace is not wedged.
     pub fn release_locks_of(&self, task_id: uuid::Uuid) {

@@ -209,6 +209,19 @@ impl Store {
             .optional()?)
     }
 
+    /// The locks a task holds: (workspace, lock id).
+    pub fn locks_of_task(&self, task_id: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let db = self.db();
+        let mut stmt =
+            db.prepare("SELECT workspace, lock_id FROM state_locks WHERE task_id = ?1")?;
+        let rows = stmt
+            .query_map([task_id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
     /// Release every lock a task still holds (it ended without unlocking: killed, timed out,
     /// lost). Returns the workspaces and the lock ids released.
     pub fn release_task_locks(&self, task_id: &str) -> Result<Vec<(String, String)>, StoreError> {

@@ -290,7 +290,7 @@ impl ControlPlane {
                 &format!("lost: {reason}"),
             );
             hub.forget_task(Some(agent), t.id, false);
-            self.release_locks_of(t.id);
+            self.locks_after_end(t, Outcome::Lost);
             self.notify_change();
         }
     }
@@ -739,7 +739,7 @@ impl ControlPlane {
                 None => outcome.as_str().to_string(),
             };
             self.audit(agent, "task.finished", &id.to_string(), &detail);
-            self.release_locks_of(id);
+            self.locks_after_end(&t, outcome);
             self.request_dispatch();
         }
         self.notify_change();

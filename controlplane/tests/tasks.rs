@@ -996,3 +996,76 @@ async fn an_event_past_year_9999_does_not_break_the_task_view() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_apply_keeps_its_state_lock_for_a_human_and_a_lost_plan_does_not() {
+    let env = Env::new(5000).await;
+    let (mut ws, _) = agent(&env, "a1", 2, vec![]).await;
+    let mut ids = Vec::new();
+    for (op, ws_name) in [("destroy", "wedge"), ("plan", "loose")] {
+        submit(&env, &request(op, ws_name, b"x")).await;
+        let s = expect_assign(&mut ws).await;
+        send(&mut ws, &Message::Accept(Accept { task_id: s.task_id })).await;
+        read_blob(&mut ws, ChunkKind::Workspace).await;
+        ids.push(s.task_id);
+    }
+    let (apply, plan) = (ids[0], ids[1]);
+    let lock = |id: &str| format!(r#"{{"ID":"{id}","Operation":"OperationTypeApply","Who":"t"}}"#);
+    let lock_w = lock("lock-w");
+    let lock_l = lock("lock-l");
+    assert_eq!(
+        state_req(
+            &mut ws,
+            apply,
+            1,
+            StateMethod::Lock,
+            None,
+            Some(lock_w.as_bytes())
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        state_req(
+            &mut ws,
+            plan,
+            2,
+            StateMethod::Lock,
+            None,
+            Some(lock_l.as_bytes())
+        )
+        .await
+        .0,
+        200
+    );
+    done(&mut ws, apply, 1, Outcome::Lost, None).await;
+    wait_ack(&mut ws, apply, 1).await;
+    done(&mut ws, plan, 1, Outcome::Lost, None).await;
+    wait_ack(&mut ws, plan, 1).await;
+    let held = |ws: &'static str| {
+        let api = env.api();
+        async move {
+            api.get_bytes(&format!("/api/v1/workspaces/{ws}/lock"))
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        held("wedge").await,
+        lock_w.as_bytes(),
+        "the lost apply's lock stays"
+    );
+    assert!(
+        held("loose").await.is_empty(),
+        "the lost plan's lock is released"
+    );
+    let kept = env
+        .wait_audit(|r| r.action == "state.lock_kept" && r.target == "workspace/wedge")
+        .await;
+    assert!(
+        kept.detail.contains("force-unlock") && kept.detail.contains("lock-w"),
+        "{}",
+        kept.detail
+    );
+}
