@@ -649,7 +649,7 @@ where
                     Ok(Host::Name(n)) if &n == name => None,
                     _ => Some(format!(
                         "the TLS server name {:?} differs from the CONNECT host {name}",
-                        request::bounded(&sni)
+                        sni
                     )),
                 },
             };

@@ -130,23 +130,12 @@ pub struct RequestHead {
 }
 
 impl RequestHead {
-    /// The destination as asked, `host:port`, bounded for records and messages.
+    /// The destination as asked, `host:port`, whole (the head is at most [`MAX_HEAD`] bytes).
+    /// Not cut here: the host is sandbox-chosen text, so it is redacted first and bounded after
+    /// (`sandbox::egress_wiring`); cutting first could leave the start of a secret that crosses
+    /// the cut unrecognised.
     pub fn destination(&self) -> String {
-        bounded(&format!("{}:{}", self.host, self.port))
-    }
-}
-
-/// A destination text bounded to a sane length for audit records.
-pub fn bounded(s: &str) -> String {
-    const MAX: usize = 300;
-    if s.len() <= MAX {
-        s.to_string()
-    } else {
-        let mut end = MAX;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        format!("{}…", &s[..end])
+        format!("{}:{}", self.host, self.port)
     }
 }
 
@@ -212,7 +201,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<RequestHead>, RequestError> {
         }));
     }
     if !METHODS.contains(&method) {
-        return Err(RequestError::Method(bounded(method)));
+        return Err(RequestError::Method(method.to_string()));
     }
     if has_te {
         return Err(RequestError::TransferEncoding);
@@ -423,6 +412,16 @@ mod tests {
             !format!("{h:?}").contains("s3cret"),
             "the password never shows in Debug"
         );
+    }
+
+    #[test]
+    fn a_long_destination_is_kept_whole_for_redaction_before_it_is_cut() {
+        // A secret crossing where an early cut would fall must reach the redactor whole.
+        let host = format!("{}tok-5ecret-value.example", "a".repeat(290));
+        let h = head(&format!("CONNECT {host}:443 HTTP/1.1\r\n\r\n"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.destination(), format!("{host}:443"));
     }
 
     #[test]
