@@ -8,156 +8,24 @@
 //!
 //! Every test labels its objects with its own run id and checks that nothing so labelled is left.
 
+mod common;
+
 use bytes::Bytes;
-use delegate_agent::sandbox::{self, docker as sdocker, PullPolicy, Sandbox, SandboxSettings};
+use common::*;
+use delegate_agent::sandbox::{docker as sdocker, Sandbox};
 use delegate_agent::spool::journal::{ExecJournal, TaskJournal};
 use delegate_agent::task_io::{StateReply, TaskInputs, TaskOutput, TaskResult};
 use delegate_protocol::{
     BlobRef, ChunkKind, EventKind, LogStream, Op, Outcome, Secrets, StateMethod, TaskSpec,
 };
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-const IMAGE: &str = "delegate-sandbox:itest";
-const RUN_LABEL: &str = "io.delegate.test-run";
 /// Resources in the chatty workspace: enough that plan and apply print for a while.
 const SIZE: &str = "1500";
-
-fn tofu_binary() -> std::path::PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for name in ["tofu", "terraform"] {
-        for dir in std::env::split_paths(&path) {
-            let candidate = dir.join(name);
-            if candidate.is_file() {
-                return candidate;
-            }
-        }
-    }
-    panic!("these tests need the `tofu` or `terraform` binary on PATH");
-}
-
-static IMAGE_READY: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
-
-async fn image() {
-    IMAGE_READY
-        .get_or_init(|| async {
-            let labels = BTreeMap::from([("io.delegate.test".to_string(), "1".to_string())]);
-            sandbox::build_image_from_binary(&tofu_binary(), IMAGE, &labels)
-                .await
-                .expect("build the sandbox image from the binary on PATH");
-        })
-        .await;
-}
-
-/// A unique run id; removes everything carrying it when dropped.
-struct Run {
-    id: String,
-}
-
-impl Run {
-    fn new() -> Run {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        Run {
-            id: format!(
-                "{}-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::SeqCst),
-                Uuid::new_v4().simple()
-            ),
-        }
-    }
-
-    fn label(&self) -> String {
-        format!("{RUN_LABEL}={}", self.id)
-    }
-
-    fn agent(&self) -> String {
-        format!("itest-restart-{}", self.id)
-    }
-
-    fn settings(&self) -> SandboxSettings {
-        SandboxSettings {
-            image: IMAGE.into(),
-            pull_policy: PullPolicy::Never,
-            memory_bytes: 512 << 20,
-            cancel_grace: Duration::from_secs(2),
-            extra_labels: BTreeMap::from([(RUN_LABEL.to_string(), self.id.clone())]),
-            pool: "itest".into(),
-            ..SandboxSettings::default()
-        }
-    }
-
-    async fn sandbox(&self) -> Sandbox {
-        image().await;
-        Sandbox::connect(self.settings(), &self.agent())
-            .await
-            .expect("connect to Docker")
-    }
-
-    async fn leftovers(&self) -> Vec<String> {
-        let docker = bollard::Docker::connect_with_defaults().unwrap();
-        let filters = std::collections::HashMap::from([("label".to_string(), vec![self.label()])]);
-        let mut left = Vec::new();
-        let cs = docker
-            .list_containers(Some(bollard::container::ListContainersOptions {
-                all: true,
-                filters: filters.clone(),
-                ..Default::default()
-            }))
-            .await
-            .unwrap();
-        left.extend(cs.into_iter().map(|c| format!("container {:?}", c.names)));
-        let ns = docker
-            .list_networks(Some(bollard::network::ListNetworksOptions {
-                filters: filters.clone(),
-            }))
-            .await
-            .unwrap();
-        left.extend(ns.into_iter().map(|n| format!("network {:?}", n.name)));
-        let vs = docker
-            .list_volumes(Some(bollard::volume::ListVolumesOptions { filters }))
-            .await
-            .unwrap();
-        left.extend(
-            vs.volumes
-                .unwrap_or_default()
-                .into_iter()
-                .map(|v| format!("volume {}", v.name)),
-        );
-        left
-    }
-
-    async fn assert_clean(&self) {
-        let left = self.leftovers().await;
-        assert!(left.is_empty(), "objects left behind: {left:?}");
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        let label = self.label();
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                if let Ok(d) = bollard::Docker::connect_with_defaults() {
-                    let _ = sdocker::remove_labelled(&d, &[label], |_| false).await;
-                }
-            });
-        })
-        .join();
-    }
-}
 
 fn chatty() -> Vec<u8> {
     let main = r#"
@@ -175,20 +43,7 @@ output "count" {
   value = length(terraform_data.item)
 }
 "#;
-    let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_size(main.len() as u64);
-    h.set_mode(0o644);
-    b.append_data(&mut h, "main.tf", main.as_bytes()).unwrap();
-    let tar = b.into_inner().unwrap();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(&tar).unwrap();
-    gz.finish().unwrap()
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
+    tar_gz(&[("main.tf", main)])
 }
 
 fn inputs(op: Op, plan: Option<Vec<u8>>, secret: Option<&str>) -> TaskInputs {
@@ -452,7 +307,7 @@ async fn plan_file(run: &Run, fake: &FakeState) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_mid_plan_the_plan_is_followed_and_the_task_finishes() {
-    let run = Run::new();
+    let run = Run::new("itest-restart");
     let fake = FakeState::default();
     let task = inputs(Op::Plan, None, None);
     let spec = task.spec.clone();
@@ -499,7 +354,7 @@ async fn killed_mid_plan_the_plan_is_followed_and_the_task_finishes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_mid_apply_the_apply_is_not_rerun_and_its_state_is_saved() {
-    let run = Run::new();
+    let run = Run::new("itest-restart");
     let fake = FakeState::default();
     let plan = plan_file(&run, &fake).await;
     let task = inputs(Op::Apply, Some(plan), None);
@@ -537,7 +392,7 @@ async fn killed_mid_apply_the_apply_is_not_rerun_and_its_state_is_saved() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_secrets_the_apply_is_collected_and_the_task_ends_lost_saying_why() {
-    let run = Run::new();
+    let run = Run::new("itest-restart");
     let fake = FakeState::default();
     let plan = plan_file(&run, &fake).await;
     let secret = format!("s3cr3t-{}", Uuid::new_v4().simple());
@@ -575,7 +430,7 @@ async fn with_secrets_the_apply_is_collected_and_the_task_ends_lost_saying_why()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_apply_container_gone_without_an_exit_code_ends_lost() {
-    let run = Run::new();
+    let run = Run::new("itest-restart");
     let fake = FakeState::default();
     let plan = plan_file(&run, &fake).await;
     let task = inputs(Op::Apply, Some(plan), None);
@@ -606,7 +461,7 @@ async fn an_apply_container_gone_without_an_exit_code_ends_lost() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn start_up_cleanup_spares_the_containers_of_live_tasks() {
-    let run = Run::new();
+    let run = Run::new("itest-restart");
     let fake = FakeState::default();
     let task = inputs(Op::Plan, None, None);
     let spec = task.spec.clone();

@@ -5,9 +5,12 @@
 //! checks that nothing labelled is left. The state backend is answered by [`FakeState`], an
 //! in-memory stand-in for the control plane (state plus lock, per OpenTofu's http backend rules).
 
+mod common;
+
 use bytes::Bytes;
+use common::*;
 use delegate_agent::sandbox::{
-    self, docker as sdocker, PullPolicy, Sandbox, SandboxError, SandboxSettings,
+    docker as sdocker, PullPolicy, Sandbox, SandboxError, SandboxSettings,
 };
 use delegate_agent::task_io::{StateReply, TaskInputs, TaskOutput, TaskResult};
 use delegate_protocol::{
@@ -15,166 +18,11 @@ use delegate_protocol::{
 };
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-const IMAGE: &str = "delegate-sandbox:itest";
-const RUN_LABEL: &str = "io.delegate.test-run";
-
-/// `tofu` or `terraform` from PATH; never a fake.
-fn tofu_binary() -> std::path::PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for name in ["tofu", "terraform"] {
-        for dir in std::env::split_paths(&path) {
-            let candidate = dir.join(name);
-            if candidate.is_file() {
-                return candidate;
-            }
-        }
-    }
-    panic!(
-        "these tests need the `tofu` or `terraform` binary on PATH (a static build; it is copied \
-         into a FROM scratch image)"
-    );
-}
-
-static IMAGE_READY: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
-
-async fn image() -> &'static str {
-    IMAGE_READY
-        .get_or_init(|| async {
-            let labels = BTreeMap::from([("io.delegate.test".to_string(), "1".to_string())]);
-            sandbox::build_image_from_binary(&tofu_binary(), IMAGE, &labels)
-                .await
-                .expect("build the sandbox image from the binary on PATH");
-        })
-        .await;
-    IMAGE
-}
-
-/// A unique run id; removes everything carrying it when dropped.
-struct Run {
-    id: String,
-}
-
-impl Run {
-    fn new() -> Run {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let id = format!(
-            "{}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst),
-            Uuid::new_v4().simple()
-        );
-        Run { id }
-    }
-
-    fn label(&self) -> String {
-        format!("{RUN_LABEL}={}", self.id)
-    }
-
-    fn settings(&self) -> SandboxSettings {
-        SandboxSettings {
-            image: IMAGE.into(),
-            pull_policy: PullPolicy::Never,
-            memory_bytes: 512 << 20,
-            cancel_grace: Duration::from_secs(2),
-            extra_labels: BTreeMap::from([(RUN_LABEL.to_string(), self.id.clone())]),
-            pool: "itest".into(),
-            ..SandboxSettings::default()
-        }
-    }
-
-    async fn sandbox(&self) -> Sandbox {
-        image().await;
-        Sandbox::connect(self.settings(), &format!("itest-agent-{}", self.id))
-            .await
-            .expect("connect to Docker")
-    }
-
-    /// Containers, volumes and networks carrying this run's label.
-    async fn leftovers(&self) -> Vec<String> {
-        let docker = bollard::Docker::connect_with_defaults().unwrap();
-        let filters = std::collections::HashMap::from([("label".to_string(), vec![self.label()])]);
-        let mut left = Vec::new();
-        let cs = docker
-            .list_containers(Some(bollard::container::ListContainersOptions {
-                all: true,
-                filters: filters.clone(),
-                ..Default::default()
-            }))
-            .await
-            .unwrap();
-        left.extend(cs.into_iter().map(|c| format!("container {:?}", c.names)));
-        let ns = docker
-            .list_networks(Some(bollard::network::ListNetworksOptions {
-                filters: filters.clone(),
-            }))
-            .await
-            .unwrap();
-        left.extend(ns.into_iter().map(|n| format!("network {:?}", n.name)));
-        let vs = docker
-            .list_volumes(Some(bollard::volume::ListVolumesOptions { filters }))
-            .await
-            .unwrap();
-        left.extend(
-            vs.volumes
-                .unwrap_or_default()
-                .into_iter()
-                .map(|v| format!("volume {}", v.name)),
-        );
-        left
-    }
-
-    async fn assert_clean(&self) {
-        let left = self.leftovers().await;
-        assert!(left.is_empty(), "objects left behind: {left:?}");
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        let label = self.label();
-        // A fresh runtime on its own thread: this may run inside a test's runtime.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                if let Ok(d) = bollard::Docker::connect_with_defaults() {
-                    let _ = sdocker::remove_labelled(&d, &[label], |_| false).await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
-fn tar_gz(files: &[(&str, &str)]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (path, text) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_size(text.len() as u64);
-        h.set_mode(0o644);
-        b.append_data(&mut h, path, text.as_bytes()).unwrap();
-    }
-    let tar = b.into_inner().unwrap();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(&tar).unwrap();
-    gz.finish().unwrap()
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
-}
 
 fn inputs(op: Op, archive: Vec<u8>, plan: Option<Vec<u8>>) -> TaskInputs {
     TaskInputs {
@@ -403,7 +251,7 @@ fn assert_succeeded(result: &TaskResult, c: &Collected) {
 
 #[tokio::test]
 async fn plan_apply_drift_destroy_with_the_default_backend() {
-    let run_id = Run::new();
+    let run_id = Run::new("itest-agent");
     let sb = run_id.sandbox().await;
     let fake = FakeState::default();
     let archive = tar_gz(&[("main.tf", HELLO)]);
@@ -578,7 +426,7 @@ async fn plan_apply_drift_destroy_with_the_default_backend() {
 
 #[tokio::test]
 async fn plan_with_auto_approve_applies_in_one_task() {
-    let run_id = Run::new();
+    let run_id = Run::new("itest-agent");
     let sb = run_id.sandbox().await;
     let fake = FakeState::default();
     let mut task = inputs(Op::Plan, tar_gz(&[("main.tf", HELLO)]), None);
@@ -603,7 +451,7 @@ async fn plan_with_auto_approve_applies_in_one_task() {
 
 #[tokio::test]
 async fn validate_needs_no_backend_and_reports_errors() {
-    let run_id = Run::new();
+    let run_id = Run::new("itest-agent");
     let sb = run_id.sandbox().await;
     let fake = FakeState::default();
     let (result, c) = run(
@@ -646,7 +494,7 @@ async fn validate_needs_no_backend_and_reports_errors() {
 
 #[tokio::test]
 async fn own_backend_is_kept() {
-    let run_id = Run::new();
+    let run_id = Run::new("itest-agent");
     let sb = run_id.sandbox().await;
     let fake = FakeState::default();
     // A local backend inside the volume: the agent must not add its own.
@@ -677,7 +525,7 @@ resource "terraform_data" "x" {}
 
 #[tokio::test]
 async fn lock_held_elsewhere_fails_with_the_holder() {
-    let run_id = Run::new();
+    let run_id = Run::new("itest-agent");
     let sb = run_id.sandbox().await;
     let fake = FakeState::default();
     let holder = r#"{"ID":"aaaaaaaa-1111-2222-3333-bbbbbbbbbbbb","Operation":"OperationTypeApply","Info":"","Who":"someone@elsewhere","Version":"1.11.4","Created":"2026-01-01T00:00:00Z","Path":""}"#;
@@ -704,7 +552,7 @@ async fn lock_held_elsewhere_fails_with_the_holder() {
 
 #[tokio::test]
 async fn hostile_archive_is_refused_before_docker() {
-    let run_id = Run::new();
+    let run_id = Run::new("itest-agent");
     let sb = run_id.sandbox().await;
     let fake = FakeState::default();
     // A `..` entry, written byte for byte (tar builders refuse to make one).
@@ -744,7 +592,7 @@ async fn blocked_task(
     cancel_after_first_request: bool,
     timeout_secs: u64,
 ) -> (Run, TaskResult, Collected, FakeState) {
-    let run_id = Run::new();
+    let run_id = Run::new("itest-agent");
     let sb = run_id.sandbox().await;
     let fake = FakeState {
         hang: true,
@@ -794,15 +642,13 @@ async fn cancel_stops_the_running_step() {
 async fn cancel_sends_sigint_first() {
     // The hung request is answered once the task is cancelled, so tofu can react to SIGINT and
     // exit by itself; with a long grace period, an exit code of 137 would mean SIGKILL was needed.
-    let run_id = Run::new();
+    let run_id = Run::new("itest-agent");
     let settings = SandboxSettings {
         cancel_grace: Duration::from_secs(120),
         ..run_id.settings()
     };
     image().await;
-    let sb = Sandbox::connect(settings, &format!("itest-agent-{}", run_id.id))
-        .await
-        .unwrap();
+    let sb = Sandbox::connect(settings, &run_id.agent()).await.unwrap();
     let cancel = CancellationToken::new();
     let fake = FakeState {
         hang: true,
@@ -847,7 +693,7 @@ async fn cancel_sends_sigint_first() {
 
 #[tokio::test]
 async fn dropping_run_task_still_removes_everything() {
-    let run_id = Run::new();
+    let run_id = Run::new("itest-agent");
     let sb = run_id.sandbox().await;
     let fake = FakeState {
         hang: true,
@@ -880,7 +726,7 @@ async fn dropping_run_task_still_removes_everything() {
 #[tokio::test]
 async fn running_step_is_hardened_as_configured() {
     // While tofu is blocked inside a step, look at what Docker actually runs.
-    let run_id = Run::new();
+    let run_id = Run::new("itest-agent");
     let sb = run_id.sandbox().await;
     let cancel = CancellationToken::new();
     let fake = FakeState {
@@ -984,7 +830,7 @@ async fn timeout_stops_the_task() {
 
 #[tokio::test]
 async fn two_tasks_in_parallel_keep_their_own_output() {
-    let run_id = Run::new();
+    let run_id = Run::new("itest-agent");
     let sb = run_id.sandbox().await;
     let (fa, fb) = (FakeState::default(), FakeState::default());
     let task = |greeting: &str| {
@@ -1005,7 +851,7 @@ async fn two_tasks_in_parallel_keep_their_own_output() {
 
 #[tokio::test]
 async fn pull_policies() {
-    let run_id = Run::new();
+    let run_id = Run::new("itest-agent");
     image().await;
     let agent = format!("itest-agent-{}", run_id.id);
     let with = |image: &str, policy| SandboxSettings {
@@ -1052,7 +898,7 @@ async fn pull_policies() {
 
 #[tokio::test]
 async fn orphans_are_removed_live_tasks_kept() {
-    let run_id = Run::new();
+    let run_id = Run::new("itest-agent");
     let sb = run_id.sandbox().await;
     let agent = format!("itest-agent-{}", run_id.id);
     let docker = bollard::Docker::connect_with_defaults().unwrap();
