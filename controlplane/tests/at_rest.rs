@@ -15,8 +15,8 @@ use delegate_controlplane::cli_admin;
 use delegate_controlplane::keys::{ResealReport, RotateReport};
 use delegate_controlplane::task_ops::SubmitRequest;
 use delegate_protocol::{
-    Accept, Artifact, BinaryFrame, ChunkFrame, ChunkKind, Done, LogFrame, LogStream, Message,
-    Outcome, Secrets, StateMethod, StateRequest, Summary, TaskSpec,
+    Accept, BinaryFrame, ChunkKind, Done, LogFrame, LogStream, Message, Outcome, Secrets,
+    StateMethod, StateRequest, Summary, TaskSpec,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -48,33 +48,12 @@ fn request(op: &str, workspace: &str, secrets: &[(&str, &str)]) -> SubmitRequest
     }
 }
 
-async fn submit(env: &Env, req: &SubmitRequest) -> TaskView {
-    env.api().post_json("/api/v1/tasks", req).await.unwrap()
-}
-
-async fn show(env: &Env, id: &str) -> TaskView {
-    env.api()
-        .get_json(&format!("/api/v1/tasks/{id}"))
-        .await
-        .unwrap()
-}
-
 async fn expect_assign(ws: &mut Ws) -> TaskSpec {
     loop {
         match recv_msg(ws).await {
             Message::Assign(a) => return a.task,
             Message::Ack(_) => continue,
             other => panic!("expected assign, got {other:?}"),
-        }
-    }
-}
-
-async fn wait_ack(ws: &mut Ws, task: Uuid, seq: u64) {
-    loop {
-        match recv_msg(ws).await {
-            Message::Ack(a) if a.task_id == task && a.seq >= seq => return,
-            Message::Ack(_) => {}
-            other => panic!("unexpected {other:?} while waiting for ack {seq}"),
         }
     }
 }
@@ -98,38 +77,6 @@ async fn state_post(ws: &mut Ws, task: Uuid, request_id: u64, body: &[u8]) -> u1
             other => panic!("expected state_response, got {other:?}"),
         }
     }
-}
-
-/// Upload `data` as artifact `kind` from `seq`; returns the next free seq.
-async fn artifact(ws: &mut Ws, task: Uuid, mut seq: u64, kind: ChunkKind, data: &[u8]) -> u64 {
-    let chunks: Vec<&[u8]> = data.chunks(700).collect();
-    let n = chunks.len();
-    for (i, c) in chunks.into_iter().enumerate() {
-        send_binary(
-            ws,
-            BinaryFrame::Chunk(ChunkFrame {
-                task_id: task,
-                seq,
-                kind,
-                last: i + 1 == n,
-                data: c.to_vec(),
-            }),
-        )
-        .await;
-        seq += 1;
-    }
-    send(
-        ws,
-        &Message::Artifact(Artifact {
-            task_id: task,
-            seq,
-            kind,
-            size: data.len() as u64,
-            sha256: sha256_hex(data),
-        }),
-    )
-    .await;
-    seq + 1
 }
 
 fn state_json(serial: u64) -> Vec<u8> {
@@ -176,9 +123,25 @@ async fn run_plan(ws: &mut Ws, spec: &TaskSpec) {
     )
     .await;
     wait_ack(ws, id, 2).await;
-    let next = artifact(ws, id, 3, ChunkKind::Plan, &plan_bytes()).await;
+    let next = artifact(
+        ws,
+        id,
+        3,
+        ChunkKind::Plan,
+        &plan_bytes(),
+        &sha256_hex(&plan_bytes()),
+    )
+    .await;
     let json = format!(r#"{{"planned_values":{{"ip":"{STATE_VALUE}"}}}}"#);
-    let next = artifact(ws, id, next, ChunkKind::PlanJson, json.as_bytes()).await;
+    let next = artifact(
+        ws,
+        id,
+        next,
+        ChunkKind::PlanJson,
+        json.as_bytes(),
+        &sha256_hex(json.as_bytes()),
+    )
+    .await;
     send(
         ws,
         &Message::Done(Done {

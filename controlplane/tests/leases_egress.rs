@@ -12,16 +12,14 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use common::*;
 use delegate_controlplane::api::AuditView;
-use delegate_controlplane::api_tasks::TaskView;
 use delegate_controlplane::config::CpConfig;
 use delegate_controlplane::task_ops::SubmitRequest;
 use delegate_protocol::{
-    Accept, ChunkKind, Done, Event, EventKind, Heartbeat, HeldTask, Message, Outcome, Secrets,
-    StateMethod, StateRequest, TaskSpec,
+    Accept, ChunkKind, Done, Event, EventKind, HeldTask, Message, Outcome, Secrets, StateMethod,
+    StateRequest, TaskSpec,
 };
 use std::collections::BTreeMap;
 use std::time::Duration;
-use uuid::Uuid;
 
 fn request(op: &str, workspace: &str) -> SubmitRequest {
     SubmitRequest {
@@ -38,43 +36,12 @@ fn request(op: &str, workspace: &str) -> SubmitRequest {
     }
 }
 
-async fn submit(env: &Env, req: &SubmitRequest) -> TaskView {
-    env.api().post_json("/api/v1/tasks", req).await.unwrap()
-}
-
-async fn show(env: &Env, id: &str) -> TaskView {
-    env.api()
-        .get_json(&format!("/api/v1/tasks/{id}"))
-        .await
-        .unwrap()
-}
-
-/// The next message that is not a heartbeat; server heartbeats are answered so the link stays up.
-async fn recv_alive(ws: &mut Ws) -> Message {
-    loop {
-        match recv(ws, false).await.expect("the link closed") {
-            Message::Heartbeat(_) => send(ws, &Message::Heartbeat(Heartbeat { ts_ms: 1 })).await,
-            m => return m,
-        }
-    }
-}
-
 async fn expect_assign(ws: &mut Ws) -> TaskSpec {
     loop {
         match recv_alive(ws).await {
             Message::Assign(a) => return a.task,
             Message::Ack(_) => continue,
             other => panic!("expected assign, got {other:?}"),
-        }
-    }
-}
-
-async fn wait_ack(ws: &mut Ws, task: Uuid, seq: u64) {
-    loop {
-        match recv_alive(ws).await {
-            Message::Ack(a) if a.task_id == task && a.seq >= seq => return,
-            Message::Ack(_) => {}
-            other => panic!("unexpected {other:?} while waiting for ack {seq}"),
         }
     }
 }

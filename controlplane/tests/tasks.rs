@@ -11,9 +11,8 @@ use delegate_controlplane::api_tasks::{StateVersionView, TaskView};
 use delegate_controlplane::config::CpConfig;
 use delegate_controlplane::task_ops::SubmitRequest;
 use delegate_protocol::{
-    Accept, Artifact, BinaryFrame, ChunkFrame, ChunkKind, Done, ErrorCode, Event, EventKind,
-    HeldTask, LogFrame, LogStream, Message, Op, Outcome, Reject, Secrets, StateMethod,
-    StateRequest, Summary,
+    Accept, BinaryFrame, ChunkKind, Done, ErrorCode, Event, EventKind, HeldTask, LogFrame,
+    LogStream, Message, Op, Outcome, Reject, Secrets, StateMethod, StateRequest, Summary,
 };
 use std::collections::BTreeMap;
 use uuid::Uuid;
@@ -35,17 +34,6 @@ fn request(op: &str, workspace: &str, archive: &[u8]) -> SubmitRequest {
     }
 }
 
-async fn submit(env: &Env, req: &SubmitRequest) -> TaskView {
-    env.api().post_json("/api/v1/tasks", req).await.unwrap()
-}
-
-async fn show(env: &Env, id: &str) -> TaskView {
-    env.api()
-        .get_json(&format!("/api/v1/tasks/{id}"))
-        .await
-        .unwrap()
-}
-
 async fn wait_state(env: &Env, id: &str, state: &str) -> TaskView {
     for _ in 0..500 {
         let t = show(env, id).await;
@@ -61,18 +49,6 @@ async fn expect_assign(ws: &mut Ws) -> delegate_protocol::TaskSpec {
     match recv_msg(ws).await {
         Message::Assign(a) => a.task,
         other => panic!("expected assign, got {other:?}"),
-    }
-}
-
-/// Read until an ack for `task` reaches `seq`; any error message fails the test.
-async fn wait_ack(ws: &mut Ws, task: Uuid, seq: u64) {
-    loop {
-        match recv_msg(ws).await {
-            Message::Ack(a) if a.task_id == task && a.seq >= seq => return,
-            Message::Ack(_) => {}
-            Message::Error(e) => panic!("unexpected error: {e:?}"),
-            other => panic!("unexpected {other:?} while waiting for ack {seq}"),
-        }
     }
 }
 
@@ -102,45 +78,6 @@ async fn done(ws: &mut Ws, task: Uuid, seq: u64, outcome: Outcome, summary: Opti
         }),
     )
     .await;
-}
-
-/// Upload `data` as artifact `kind` starting at `seq`; returns the next free seq.
-async fn artifact(
-    ws: &mut Ws,
-    task: Uuid,
-    mut seq: u64,
-    kind: ChunkKind,
-    data: &[u8],
-    announce_sha: &str,
-) -> u64 {
-    let chunks: Vec<&[u8]> = data.chunks(1000).collect();
-    let n = chunks.len();
-    for (i, c) in chunks.into_iter().enumerate() {
-        send_binary(
-            ws,
-            BinaryFrame::Chunk(ChunkFrame {
-                task_id: task,
-                seq,
-                kind,
-                last: i + 1 == n,
-                data: c.to_vec(),
-            }),
-        )
-        .await;
-        seq += 1;
-    }
-    send(
-        ws,
-        &Message::Artifact(Artifact {
-            task_id: task,
-            seq,
-            kind,
-            size: data.len() as u64,
-            sha256: announce_sha.to_string(),
-        }),
-    )
-    .await;
-    seq + 1
 }
 
 /// Run a plan task to success on `ws`; returns the plan file bytes.

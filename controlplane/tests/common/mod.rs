@@ -313,3 +313,86 @@ pub async fn send_binary(ws: &mut Ws, frame: delegate_protocol::BinaryFrame) {
 pub fn sha256_hex(data: &[u8]) -> String {
     delegate_controlplane::tasks::sha256_hex(data)
 }
+
+pub async fn submit(
+    env: &Env,
+    req: &delegate_controlplane::task_ops::SubmitRequest,
+) -> delegate_controlplane::api_tasks::TaskView {
+    env.api().post_json("/api/v1/tasks", req).await.unwrap()
+}
+
+pub async fn show(env: &Env, id: &str) -> delegate_controlplane::api_tasks::TaskView {
+    env.api()
+        .get_json(&format!("/api/v1/tasks/{id}"))
+        .await
+        .unwrap()
+}
+
+/// The next message that is not a heartbeat; server heartbeats are answered so the link stays up.
+pub async fn recv_alive(ws: &mut Ws) -> Message {
+    loop {
+        match recv(ws, false).await.expect("the link closed") {
+            Message::Heartbeat(_) => {
+                send(
+                    ws,
+                    &Message::Heartbeat(delegate_protocol::Heartbeat { ts_ms: 1 }),
+                )
+                .await
+            }
+            m => return m,
+        }
+    }
+}
+
+/// Read until an ack for `task` reaches `seq`; any other message fails the test.
+pub async fn wait_ack(ws: &mut Ws, task: uuid::Uuid, seq: u64) {
+    loop {
+        match recv_alive(ws).await {
+            Message::Ack(a) if a.task_id == task && a.seq >= seq => return,
+            Message::Ack(_) => {}
+            Message::Error(e) => panic!("unexpected error: {e:?}"),
+            other => panic!("unexpected {other:?} while waiting for ack {seq}"),
+        }
+    }
+}
+
+/// Upload `data` as artifact `kind` starting at `seq`, announcing `announce_sha`; returns the
+/// next free seq.
+pub async fn artifact(
+    ws: &mut Ws,
+    task: uuid::Uuid,
+    mut seq: u64,
+    kind: delegate_protocol::ChunkKind,
+    data: &[u8],
+    announce_sha: &str,
+) -> u64 {
+    use delegate_protocol::{Artifact, BinaryFrame, ChunkFrame};
+    let chunks: Vec<&[u8]> = data.chunks(1000).collect();
+    let n = chunks.len();
+    for (i, c) in chunks.into_iter().enumerate() {
+        send_binary(
+            ws,
+            BinaryFrame::Chunk(ChunkFrame {
+                task_id: task,
+                seq,
+                kind,
+                last: i + 1 == n,
+                data: c.to_vec(),
+            }),
+        )
+        .await;
+        seq += 1;
+    }
+    send(
+        ws,
+        &Message::Artifact(Artifact {
+            task_id: task,
+            seq,
+            kind,
+            size: data.len() as u64,
+            sha256: announce_sha.to_string(),
+        }),
+    )
+    .await;
+    seq + 1
+}
