@@ -52,29 +52,29 @@ pub struct MirrorSetup {
 /// Check a network mirror URL and normalise it (a trailing `/`). Returns the message for the
 /// config key on error.
 pub fn parse_network_mirror(url: &str) -> Result<String, String> {
+    // The messages never repeat the URL: it may carry a password or a token (the error names
+    // the config key instead).
     let u = url.trim();
-    let Some(rest) = u.strip_prefix("https://") else {
-        return Err(format!(
-            "{u:?} must be an https:// URL (tofu accepts only HTTPS network mirrors)"
-        ));
-    };
-    let host_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..host_end];
-    if authority.is_empty() {
-        return Err(format!("{u:?} has no host"));
-    }
+    let host_end = |rest: &str| rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = u
+        .split_once("://")
+        .map_or(u, |(_, rest)| &rest[..host_end(rest)]);
     if authority.contains('@') {
         return Err("must not carry user information (user:password@)".into());
     }
+    let Some(rest) = u.strip_prefix("https://") else {
+        return Err("must be an https:// URL (tofu accepts only HTTPS network mirrors)".into());
+    };
+    if rest[..host_end(rest)].is_empty() {
+        return Err("has no host".into());
+    }
     if u.contains(['?', '#']) {
-        return Err(format!("{u:?} must not have a query or a fragment"));
+        return Err("must not have a query or a fragment".into());
     }
     if u.chars()
         .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\\' | '$' | '%'))
     {
-        return Err(format!(
-            "{u:?} contains characters that do not belong in a mirror URL"
-        ));
+        return Err("contains characters that do not belong in a mirror URL".into());
     }
     Ok(if u.ends_with('/') {
         u.to_string()
@@ -236,13 +236,14 @@ mod tests {
             ("mirror.internal/providers/", "https://"),
             ("https:///providers/", "no host"),
             ("https://u:p@mirror/", "user information"),
-            ("https://mirror/p?x=1", "query"),
+            ("http://u:p@mirror/", "user information"),
+            ("https://mirror/p?token=s3cr3t", "query"),
             ("https://mirror/\"x", "characters"),
             ("https://mirror/${x}", "characters"),
         ] {
             let e = parse_network_mirror(bad).unwrap_err();
             assert!(e.contains(needle), "{bad}: {e}");
-            assert!(!e.contains("u:p@"), "{e}");
+            assert!(!e.contains("u:p@") && !e.contains("s3cr3t"), "{e}");
         }
         assert!(parse_filesystem_mirror(Path::new("relative/dir")).is_err());
         assert!(parse_filesystem_mirror(Path::new("/a:b")).is_err());
