@@ -163,8 +163,16 @@ impl TaskJournal {
     }
 
     pub fn from_json(json: &[u8]) -> Result<TaskJournal, JournalError> {
-        let j: TaskJournal =
-            serde_json::from_slice(json).map_err(|e| JournalError::Json(e.to_string()))?;
+        // Only where and what kind: serde's own message quotes the offending value, and a
+        // journal holds vars, env and the backend password.
+        let j: TaskJournal = serde_json::from_slice(json).map_err(|e| {
+            JournalError::Json(format!(
+                "{:?} error at line {} column {}",
+                e.classify(),
+                e.line(),
+                e.column()
+            ))
+        })?;
         if j.version != JOURNAL_VERSION {
             return Err(JournalError::Version(j.version));
         }
@@ -244,6 +252,11 @@ mod tests {
             TaskJournal::from_json(b"{"),
             Err(JournalError::Json(_))
         ));
+        // A value of the wrong type is not quoted back.
+        let mut v = serde_json::to_value(TaskJournal::new(&spec_with_secret(), false, 1)).unwrap();
+        v["version"] = serde_json::Value::String("pw-0xDEADBEEF".into());
+        let e = TaskJournal::from_json(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(!e.to_string().contains("DEADBEEF"), "{e}");
     }
 
     #[test]
