@@ -49,7 +49,7 @@ pub const MAX_CAPTURE: usize = 256 * 1024 * 1024;
 /// Largest file fetched back from a volume (the plan file).
 pub const MAX_DOWNLOAD: usize = 512 * 1024 * 1024;
 /// After SIGKILL, how long to wait for Docker to report the exit before giving up on the step.
-const AFTER_KILL_WAIT: Duration = Duration::from_secs(60);
+pub(super) const AFTER_KILL_WAIT: Duration = Duration::from_secs(60);
 
 /// Labels of every object of a task. The agent's own labels override same-named extra labels.
 pub fn task_labels(
@@ -614,7 +614,7 @@ async fn send_lines(
     Ok(())
 }
 
-async fn kill(docker: &Docker, id: &str, signal: &str) {
+pub(super) async fn kill(docker: &Docker, id: &str, signal: &str) {
     let opts = KillContainerOptions {
         signal: signal.to_string(),
     };
@@ -624,7 +624,8 @@ async fn kill(docker: &Docker, id: &str, signal: &str) {
     }
 }
 
-async fn exit_code(docker: &Docker, id: &str) -> i64 {
+/// The exit code once the container stopped (-1 when Docker cannot tell).
+pub(super) async fn exit_code(docker: &Docker, id: &str) -> i64 {
     let opts = WaitContainerOptions {
         condition: "not-running".to_string(),
     };

@@ -47,7 +47,7 @@ use super::{
 };
 use crate::spool::journal::{BackendJournal, ExecJournal, StepJournal, StepState, TaskJournal};
 use crate::task_io::{TaskOutput, TaskOutputTx, TaskResult};
-use bollard::container::{AttachContainerOptions, KillContainerOptions, LogOutput};
+use bollard::container::{AttachContainerOptions, LogOutput};
 use bollard::models::ContainerStateStatusEnum;
 use bollard::Docker;
 use bytes::Bytes;
@@ -62,9 +62,6 @@ use tokio_util::sync::CancellationToken;
 
 /// Where tofu leaves the state it could not save to its backend.
 const ERRORED_STATE_PATH: &str = "/workspace/errored.tfstate";
-
-/// After SIGKILL, how long to wait for Docker to report a followed step's exit.
-const AFTER_KILL_WAIT: Duration = Duration::from_secs(60);
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -401,30 +398,6 @@ pub async fn seen(docker: &Docker, name: &str) -> Result<Seen, SandboxError> {
     }
 }
 
-async fn kill(docker: &Docker, id: &str, signal: &str) {
-    let opts = KillContainerOptions {
-        signal: signal.to_string(),
-    };
-    if let Err(e) = docker.kill_container(id, Some(opts)).await {
-        tracing::debug!(container = id, signal, error = %e, "kill");
-    }
-}
-
-/// The exit code once the container stopped.
-async fn wait_exit(docker: &Docker, id: &str) -> i64 {
-    let opts = bollard::container::WaitContainerOptions {
-        condition: "not-running".to_string(),
-    };
-    match docker.wait_container(id, Some(opts)).next().await {
-        Some(Ok(r)) => r.status_code,
-        Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => code,
-        _ => match docker.inspect_container(id, None).await {
-            Ok(c) => c.state.and_then(|s| s.exit_code).unwrap_or(-1),
-            Err(_) => -1,
-        },
-    }
-}
-
 /// How long a container ran, from Docker's timestamps (0 when unknown).
 async fn ran_for(docker: &Docker, id: &str) -> Duration {
     let Ok(c) = docker.inspect_container(id, None).await else {
@@ -494,7 +467,7 @@ async fn follow(
     let mut kill_at: Option<Instant> = None;
     let mut give_up_at: Option<Instant> = None;
     let far = || Instant::now() + Duration::from_secs(365 * 24 * 3600);
-    let exited = wait_exit(docker, id);
+    let exited = docker::exit_code(docker, id);
     tokio::pin!(exited);
     let code = loop {
         tokio::select! {
@@ -511,13 +484,13 @@ async fn follow(
                     humantime::format_duration(grace)
                 );
                 log(out, LogStream::System, vec![Bytes::from(line)]).await?;
-                kill(docker, id, "SIGINT").await;
+                docker::kill(docker, id, "SIGINT").await;
                 kill_at = Some(Instant::now() + grace);
             }
             _ = tokio::time::sleep_until(kill_at.unwrap_or_else(far)), if kill_at.is_some() => {
-                kill(docker, id, "SIGKILL").await;
+                docker::kill(docker, id, "SIGKILL").await;
                 kill_at = None;
-                give_up_at = Some(Instant::now() + AFTER_KILL_WAIT);
+                give_up_at = Some(Instant::now() + docker::AFTER_KILL_WAIT);
             }
             _ = tokio::time::sleep_until(give_up_at.unwrap_or_else(far)), if give_up_at.is_some() => {
                 break -1;
