@@ -16,11 +16,25 @@ use std::collections::BTreeMap;
 use zeroize::Zeroizing;
 
 /// What is sealed for one secret.
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize)]
 struct Sealed<'a> {
     workspace: &'a str,
     name: &'a str,
     value: &'a str,
+}
+
+/// [`Sealed`] read back. Owned: a value with `"`, `\` or a newline (a PEM key, JSON
+/// credentials) is escaped in the sealed JSON and cannot be borrowed from it.
+#[derive(Deserialize)]
+struct Opened {
+    workspace: String,
+    name: String,
+    #[serde(deserialize_with = "zeroizing_string")]
+    value: Zeroizing<String>,
+}
+
+fn zeroizing_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Zeroizing<String>, D::Error> {
+    String::deserialize(d).map(Zeroizing::new)
 }
 
 /// A stored secret without its value.
@@ -113,7 +127,7 @@ impl Store {
         for (name, value) in sealed {
             let what = what(ws, &name);
             let plain = Zeroizing::new(self.at_rest.open(&what, &value)?);
-            let s: Sealed<'_> =
+            let mut s: Opened =
                 serde_json::from_slice(&plain).map_err(|_| AtRestError::Integrity {
                     what: what.clone(),
                     reason: "the sealed content is not a secret record".into(),
@@ -125,7 +139,7 @@ impl Store {
                 }
                 .into());
             }
-            out.insert(name, s.value.to_string());
+            out.insert(name, std::mem::take(&mut *s.value));
         }
         Ok(Secrets(out))
     }
@@ -184,5 +198,16 @@ mod tests {
         assert!(s.secret_remove("prod", "DB_PASS").unwrap());
         assert!(!s.secret_remove("prod", "DB_PASS").unwrap());
         assert_eq!(s.workspace_secrets("prod").unwrap().0.len(), 1);
+    }
+
+    #[test]
+    fn values_needing_json_escapes_round_trip() {
+        let s = Store::open_in_memory().unwrap();
+        let pem = "p\"w\\\nx-----BEGIN\ttab\u{1}é";
+        s.secret_set("prod", "KEY", pem, 1).unwrap();
+        s.secret_set("prod", "PLAIN", "plain", 2).unwrap();
+        let got = s.workspace_secrets("prod").unwrap();
+        assert_eq!(got.0["KEY"], pem);
+        assert_eq!(got.0["PLAIN"], "plain");
     }
 }
