@@ -43,40 +43,20 @@ fn read(path: &Path) -> Result<Vec<u8>, String> {
 
 /// Read every certificate of a PEM bundle into a root store. Fails if the file holds none.
 pub fn load_ca(path: &Path) -> Result<RootCertStore, TlsError> {
-    let err = |reason: String| TlsError::Ca {
+    let pem = read(path).map_err(|reason| TlsError::Ca {
         path: path.to_path_buf(),
         reason,
-    };
-    let pem = read(path).map_err(err)?;
-    let mut store = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|e| err(format!("not valid PEM: {e}")))?;
-        store
-            .add(cert)
-            .map_err(|e| err(format!("not a usable CA certificate: {e}")))?;
-    }
-    if store.is_empty() {
-        return Err(err("no PEM certificate found".into()));
-    }
-    Ok(store)
+    })?;
+    parse_ca_pem(&pem, path)
 }
 
 /// Read a PEM certificate chain (leaf first).
 pub fn load_cert_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let err = |reason: String| TlsError::Cert {
+    let pem = read(path).map_err(|reason| TlsError::Cert {
         path: path.to_path_buf(),
         reason,
-    };
-    let pem = read(path).map_err(err)?;
-    let chain = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| err(format!("not valid PEM: {e}")))?;
-    let leaf = chain
-        .first()
-        .ok_or_else(|| err("no PEM certificate found".into()))?;
-    x509_parser::parse_x509_certificate(leaf.as_ref())
-        .map_err(|e| err(format!("not a valid X.509 certificate: {e}")))?;
-    Ok(chain)
+    })?;
+    parse_cert_pem(&pem, path)
 }
 
 /// Read a PEM private key (PKCS#8, PKCS#1 or SEC1). The error never quotes the file's content.
@@ -145,8 +125,8 @@ pub fn client_config(
     client_config_from_parts(roots, chain, key, spki_pin, cert_file, key_file)
 }
 
-/// Parse a PEM CA bundle held in memory (e.g. from a renewal answer); `path` names where it will
-/// be written, for messages.
+/// Parse a PEM CA bundle held in memory (read from `path`, or from a renewal answer to be written
+/// there); `path` names it in messages.
 pub fn parse_ca_pem(pem: &[u8], path: &Path) -> Result<RootCertStore, TlsError> {
     let err = |reason: String| TlsError::Ca {
         path: path.to_path_buf(),
@@ -165,7 +145,7 @@ pub fn parse_ca_pem(pem: &[u8], path: &Path) -> Result<RootCertStore, TlsError> 
     Ok(store)
 }
 
-/// Parse a PEM certificate chain held in memory; `path` names where it will be written.
+/// Parse a PEM certificate chain (leaf first) held in memory; `path` names it in messages.
 pub fn parse_cert_pem(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let err = |reason: String| TlsError::Cert {
         path: path.to_path_buf(),
