@@ -21,7 +21,7 @@
 //! environment (it is added to the task's redaction set), or let a task see another task's policy
 //! or credentials.
 
-use super::logs::Redactor;
+use super::logs;
 use crate::egress::firewall::{self, Backend, FirewallError, Isolation};
 use crate::egress::proxy::{
     EgressProxy, EgressRecord, ProxyConfig, ProxyError, Resolver, SystemResolver,
@@ -361,9 +361,12 @@ impl TaskEgress {
         let proxy = EgressProxy::start(config, resolver, tx).await?;
         let task_id = plan.task.to_string();
         let creds = proxy.register(&task_id, policy, plan.subnet)?;
-        let mut secrets = secrets;
+        // Compiled once for every record of the task; the values themselves are zeroized here.
+        let mut secrets = zeroize::Zeroizing::new(secrets);
         secrets.push(creds.password.as_bytes().to_vec());
-        let drain = tokio::spawn(drain_records(rx, out.clone(), secrets));
+        let redactor = RecordRedactor::new(&secrets);
+        drop(secrets);
+        let drain = tokio::spawn(drain_records(rx, out.clone(), redactor));
         let mut egress = TaskEgress {
             firewall: None,
             out,
@@ -450,21 +453,17 @@ impl TaskEgress {
 async fn drain_records(
     mut rx: mpsc::Receiver<EgressRecord>,
     out: TaskOutputTx,
-    secrets: Vec<Vec<u8>>,
+    redactor: RecordRedactor,
 ) {
-    // The task's secret values, held for redaction until the proxy is gone; zeroized then.
-    let secrets = zeroize::Zeroizing::new(secrets);
     let mut open = true;
     while let Some(rec) = rx.recv().await {
         if !open {
             continue;
         }
-        let (event, line) = record_outputs(&rec, &secrets);
-        tracing::debug!(
-            allowed = rec.allowed,
-            destination = %bounded(&redact(&rec.destination, &secrets), 256),
-            "egress decision"
-        );
+        let (event, line) = record_outputs(&rec, &redactor);
+        if let EventKind::Egress { destination, .. } = &event {
+            tracing::debug!(allowed = rec.allowed, destination = %destination, "egress decision");
+        }
         if out.send(TaskOutput::Event(event)).await.is_err() {
             // Nobody listens any more; keep receiving so the proxy never blocks on us.
             open = false;
@@ -488,15 +487,18 @@ async fn drain_records(
 
 /// The audit event for a record and, for a denial, the log line. The destination comes from the
 /// sandbox, so it is redacted like the sandbox's output and bounded to what the protocol allows.
-pub fn record_outputs(rec: &EgressRecord, secrets: &[Vec<u8>]) -> (EventKind, Option<String>) {
-    let destination = bounded(&redact(&rec.destination, secrets), limits::MAX_NAME);
+pub fn record_outputs(
+    rec: &EgressRecord,
+    redactor: &RecordRedactor,
+) -> (EventKind, Option<String>) {
+    let destination = bounded(&redactor.redact(&rec.destination), limits::MAX_NAME);
     let detail = match (&rec.rule, &rec.reason) {
         (Some(rule), None) => format!("rule {rule}"),
         (Some(rule), Some(end)) => format!("rule {rule}; {end}"),
         (None, Some(reason)) => reason.clone(),
         (None, None) => String::new(),
     };
-    let detail = bounded(&redact(&detail, secrets), limits::MAX_TEXT);
+    let detail = bounded(&redactor.redact(&detail), limits::MAX_TEXT);
     let line = (!rec.allowed).then(|| {
         let shown = if destination.is_empty() {
             "(no destination)".to_string()
@@ -542,14 +544,44 @@ pub fn rejection_outputs(r: &firewall::Rejected) -> (EventKind, String) {
     (event, line)
 }
 
-fn redact(text: &str, secrets: &[Vec<u8>]) -> String {
-    if secrets.is_empty() {
-        return text.to_string();
+/// A task's secrets (its own and the proxy password), compiled once for the sandbox-chosen text
+/// of all its egress records; redacts as a step's output stream does ([`logs::Redactor`]),
+/// withholding the text when the secrets cannot be compiled.
+#[derive(Debug, Clone)]
+pub struct RecordRedactor {
+    /// `None`: no secrets, text passes through.
+    compiled: Option<Compiled>,
+}
+
+#[derive(Debug, Clone)]
+enum Compiled {
+    Ready(crate::redact::Redactor),
+    Failed,
+}
+
+impl RecordRedactor {
+    pub fn new(secrets: &[Vec<u8>]) -> RecordRedactor {
+        let compiled = (!secrets.is_empty()).then(|| match logs::compile(secrets) {
+            Some(r) => Compiled::Ready(r),
+            None => Compiled::Failed,
+        });
+        RecordRedactor { compiled }
     }
-    let mut r = Redactor::new(secrets);
-    let mut out = r.push(text.as_bytes());
-    out.extend(r.finish());
-    String::from_utf8_lossy(&out).into_owned()
+
+    /// No secrets: text passes through.
+    pub fn none() -> RecordRedactor {
+        RecordRedactor { compiled: None }
+    }
+
+    fn redact(&self, text: &str) -> String {
+        match &self.compiled {
+            None => text.to_string(),
+            Some(Compiled::Ready(r)) => {
+                String::from_utf8_lossy(&r.redact(text.as_bytes())).into_owned()
+            }
+            Some(Compiled::Failed) => String::from_utf8_lossy(logs::WITHHELD).into_owned(),
+        }
+    }
 }
 
 /// At most `max` bytes, cut on a character boundary.
@@ -589,7 +621,7 @@ mod tests {
 
     #[test]
     fn allowed_records_are_events_without_a_log_line() {
-        let (event, line) = record_outputs(&record(true), &[]);
+        let (event, line) = record_outputs(&record(true), &RecordRedactor::none());
         assert_eq!(
             event,
             EventKind::Egress {
@@ -605,7 +637,8 @@ mod tests {
         assert_eq!(line, None);
         let mut ended = record(true);
         ended.reason = Some("closed after the idle timeout".into());
-        let (EventKind::Egress { detail, .. }, _) = record_outputs(&ended, &[]) else {
+        let (EventKind::Egress { detail, .. }, _) = record_outputs(&ended, &RecordRedactor::none())
+        else {
             panic!("not an egress event")
         };
         assert_eq!(
@@ -616,7 +649,7 @@ mod tests {
 
     #[test]
     fn denials_are_events_and_a_system_line() {
-        let (event, line) = record_outputs(&record(false), &[]);
+        let (event, line) = record_outputs(&record(false), &RecordRedactor::none());
         let EventKind::Egress {
             allowed, detail, ..
         } = &event
@@ -635,7 +668,7 @@ mod tests {
         let mut nothing = record(false);
         nothing.destination.clear();
         nothing.reason = Some("missing proxy credentials".into());
-        let (_, line) = record_outputs(&nothing, &[]);
+        let (_, line) = record_outputs(&nothing, &RecordRedactor::none());
         assert_eq!(
             line.as_deref(),
             Some("delegate: egress denied: (no destination): missing proxy credentials\n")
@@ -648,7 +681,7 @@ mod tests {
         rec.destination = format!("s3cr3t-value.{}:443", "a".repeat(600));
         rec.reason = Some("s3cr3t-value.x is not in the egress allowlist".into());
         let secrets = vec![b"s3cr3t-value".to_vec()];
-        let (event, line) = record_outputs(&rec, &secrets);
+        let (event, line) = record_outputs(&rec, &RecordRedactor::new(&secrets));
         let json = serde_json::to_string(&event).unwrap();
         assert!(!json.contains("s3cr3t-value"), "{json}");
         assert!(!line.as_deref().unwrap().contains("s3cr3t-value"));

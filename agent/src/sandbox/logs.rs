@@ -24,6 +24,22 @@ pub const MASK: &[u8] = redact::REPLACEMENT;
 pub const WITHHELD: &[u8] =
     b"[output withheld: the agent could not build the secret redactor for this task]\n";
 
+/// The secrets compiled as [`Redactor::new`] does (bytes that are not UTF-8 as their lossy text,
+/// empty ones ignored); `None` when they cannot be compiled (the caller withholds, fails closed).
+pub fn compile<I, S>(secrets: I) -> Option<redact::Redactor>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<[u8]>,
+{
+    let texts: Vec<zeroize::Zeroizing<String>> = secrets
+        .into_iter()
+        .filter(|s| !s.as_ref().is_empty())
+        .map(|s| zeroize::Zeroizing::new(String::from_utf8_lossy(s.as_ref()).into_owned()))
+        .collect();
+    let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
+    redact::Redactor::new(&refs).ok()
+}
+
 /// Streaming secret redaction of one output stream.
 #[derive(Debug)]
 pub struct Redactor {
@@ -41,14 +57,8 @@ impl Redactor {
         I: IntoIterator<Item = S>,
         S: AsRef<[u8]>,
     {
-        let texts: Vec<zeroize::Zeroizing<String>> = secrets
-            .into_iter()
-            .filter(|s| !s.as_ref().is_empty())
-            .map(|s| zeroize::Zeroizing::new(String::from_utf8_lossy(s.as_ref()).into_owned()))
-            .collect();
-        let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
         Redactor {
-            inner: redact::Redactor::new(&refs).ok().map(|r| r.stream()),
+            inner: compile(secrets).map(|r| r.stream()),
             withheld: false,
         }
     }
