@@ -58,14 +58,24 @@ pub enum EnrollError {
     Store(#[from] StoreError),
 }
 
-/// `POST /api/v1/enroll` body.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `POST /api/v1/enroll` body. `Debug` redacts the token.
+#[derive(Clone, Default, Serialize, Deserialize)]
 pub struct EnrollRequest {
     pub token: String,
     pub csr_pem: String,
     /// The agent's name; default the CSR's CN, then (with a token name prefix) a generated one.
     #[serde(default)]
     pub name: Option<String>,
+}
+
+impl std::fmt::Debug for EnrollRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollRequest")
+            .field("token", &"<redacted>")
+            .field("csr_pem", &self.csr_pem)
+            .field("name", &self.name)
+            .finish()
+    }
 }
 
 /// `POST /api/v1/enroll` answer.
@@ -521,6 +531,18 @@ pub fn renew(cp: &ControlPlane, agent: &str, csr_pem: &str) -> Result<Reply, Fau
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_debug_redacts_the_token() {
+        let r = EnrollRequest {
+            token: "dlg-enroll-secret-0123456789".into(),
+            csr_pem: "-----BEGIN CERTIFICATE REQUEST-----".into(),
+            name: Some("web-1".into()),
+        };
+        let d = format!("{r:?}");
+        assert!(!d.contains("dlg-enroll-secret-0123456789"), "{d}");
+        assert!(d.contains("<redacted>") && d.contains("web-1"), "{d}");
+    }
 
     #[test]
     fn names_from_request_csr_or_prefix() {
