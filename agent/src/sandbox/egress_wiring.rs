@@ -702,6 +702,26 @@ mod tests {
         });
         let text = delegate_protocol::encode_text(&msg);
         delegate_protocol::decode_text(&text).unwrap();
+
+        // The secret crossing the cut: bounding first would keep its start (which alone no
+        // longer matches). Every split point of the secret's first bytes at the cut.
+        let redactor = RecordRedactor::new(&secrets);
+        for kept in 3..="s3cr3t-value".len() {
+            let mut rec = record(false);
+            let pad = limits::MAX_NAME - '…'.len_utf8() - kept;
+            rec.destination = format!("{}s3cr3t-value.x:443", "a".repeat(pad));
+            let (event, line) = record_outputs(&rec, &redactor);
+            let json = serde_json::to_string(&event).unwrap();
+            let prefix = &"s3cr3t-value"[..kept];
+            assert!(!json.contains(prefix), "{kept}: {json}");
+            assert!(!line.as_deref().unwrap().contains(prefix), "{kept}");
+        }
+        // The case as the review put it.
+        let mut rec = record(false);
+        rec.destination = format!("{}s3cr3t-value.x:443", "a".repeat(limits::MAX_NAME - 6));
+        let (event, _) = record_outputs(&rec, &redactor);
+        let json = serde_json::to_string(&event).unwrap();
+        assert!(!json.contains("s3c"), "{json}");
     }
 
     #[test]
