@@ -34,7 +34,8 @@
 //! * **Roll**: when the active segment reaches `segment_bytes`, the next append opens a new one.
 //! * **Compaction**: on each ack, every non-active segment whose last frame is acknowledged is
 //!   deleted; a fully acknowledged active segment is replaced by a fresh one (holding only the
-//!   journal) once it holds at least 64 KiB, or at once while appends wait for space. When the
+//!   journal) once it holds a quarter of a segment (at least 64 KiB; 1 MiB with the default
+//!   segments), or at once while appends wait for space. When the
 //!   task's `done` is acknowledged its directory is deleted.
 //! * **Bound**: `max_bytes` counts the bytes of all segment files. While the spool is at or over
 //!   it, appends wait (the task's driver stops reading the executor's bounded channel, so the
@@ -48,7 +49,7 @@
 //!   treated the same way (rare: records are single writes).
 //!
 //! Known limits: frames are also held in memory until acknowledged (the outbox), so memory use
-//! follows the spool's size; a whole segment, or a whole task's acknowledged tail of 64 KiB, may
+//! follows the spool's size; a whole segment, or a whole task's acknowledged tail of a quarter segment, may
 //! stay on disk until the next ack. Cutting a task's newest segment exactly at a record boundary
 //! (dropping its last records), or rolling a file back to an older authentic version, cannot be
 //! told from records never written: the format has no outside reference to compare with (see
@@ -83,7 +84,8 @@ pub const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
 pub const MIN_MAX_BYTES: u64 = 4 * 1024 * 1024;
 /// Size at which a segment is closed and a new one started.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
-/// A fully acknowledged active segment at least this large is replaced at the next ack.
+/// A fully acknowledged active segment at least this large (and a quarter of `segment_bytes`) is
+/// replaced at the next ack.
 pub const ROLL_ACKED_BYTES: u64 = 64 * 1024;
 /// Name of the spool lock file.
 pub const LOCK_FILE: &str = "lock";
@@ -855,7 +857,7 @@ impl TaskSpool {
             && self.segments.back().is_some_and(|s| {
                 s.last_seq >= s.first_seq
                     && s.last_seq <= self.acked
-                    && (pressure || s.bytes >= ROLL_ACKED_BYTES)
+                    && (pressure || s.bytes >= self.roll_acked_bytes())
             });
         if replace {
             self.file = None;
@@ -865,6 +867,13 @@ impl TaskSpool {
             }
         }
         Ok(())
+    }
+
+    /// A fully acknowledged active segment this large is replaced at the next ack: a quarter of
+    /// a segment, at least [`ROLL_ACKED_BYTES`]. Replacing costs two fsyncs on the link's ack
+    /// path, so it is not done for every few KiB of output.
+    fn roll_acked_bytes(&self) -> u64 {
+        (self.shared.settings.segment_bytes / 4).max(ROLL_ACKED_BYTES)
     }
 
     fn delete(&self, s: &Segment) -> Result<(), SpoolError> {
