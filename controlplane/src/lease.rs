@@ -66,10 +66,10 @@ pub enum LeaseAction {
     Expire {
         reason: String,
     },
-    /// End the task `lost`. `release_locks` is false for applies (a human decides).
+    /// End the task `lost`. Its state locks go as [`ControlPlane::locks_after_end`] decides
+    /// (an apply's stays for a human).
     Lose {
         reason: String,
-        release_locks: bool,
     },
 }
 
@@ -125,10 +125,7 @@ pub fn decide(h: &Holding<'_>, now_ms: i64, p: &LeasePolicy) -> LeaseAction {
                 p.lost_after_ms, h.op
             )
         };
-        return LeaseAction::Lose {
-            reason,
-            release_locks: !applies(h.op, h.auto_approve),
-        };
+        return LeaseAction::Lose { reason };
     }
     if h.lease_expired {
         return LeaseAction::Keep;
@@ -260,10 +257,7 @@ impl ControlPlane {
                 tracing::warn!(task = %t.id, agent, "lease expired: {reason}");
                 self.audit("controlplane", "task.lease_expired", &id, reason);
             }
-            LeaseAction::Lose {
-                reason,
-                release_locks,
-            } => {
+            LeaseAction::Lose { reason } => {
                 tracing::warn!(task = %t.id, agent, "task lost: {reason}");
                 self.audit(
                     "controlplane",
@@ -272,9 +266,8 @@ impl ControlPlane {
                     &format!("lost: {reason}"),
                 );
                 hub.forget_task(Some(agent), t.id, false);
-                if *release_locks {
-                    self.release_locks_of(t.id);
-                }
+                // Takes no hub lock.
+                self.locks_after_end(t, Outcome::Lost);
             }
         }
         true
@@ -380,12 +373,10 @@ mod tests {
             // Marked or not, past lost_after_ms it ends lost.
             for h in [h, marked] {
                 match decide(&h, 1_000_000 + 600_001, &P) {
-                    LeaseAction::Lose {
-                        reason,
-                        release_locks,
-                    } => {
+                    LeaseAction::Lose { reason } => {
                         let apply = matches!(op, Op::Apply | Op::Destroy);
-                        assert_eq!(release_locks, !apply, "{op}");
+                        // Whether its locks are released (`locks_after_end`).
+                        assert_eq!(!applies(h.op, h.auto_approve), !apply, "{op}");
                         assert_eq!(reason.contains("a human"), apply, "{op}: {reason}");
                         assert!(reason.contains("not re-run") || reason.contains("never re-run"));
                     }
@@ -510,6 +501,14 @@ mod tests {
                 cp.store.state_lock("ws-L-apply").unwrap().is_some(),
                 "a lost apply keeps its lock for a human"
             );
+            let kept: Vec<String> = cp
+                .store
+                .audit_records(Some("workspace/ws-L-apply"))
+                .unwrap()
+                .into_iter()
+                .map(|r| r.action)
+                .collect();
+            assert!(kept.contains(&"state.lock_kept".to_string()), "{kept:?}");
             assert!(audit_actions(&cp, apply).contains(&"task.finished".to_string()));
             // The requeued task is not the lease's any more; nothing else to do.
             assert!(cp.check_leases(10_000_000).is_empty());
@@ -557,11 +556,8 @@ mod tests {
             ..held(Op::Plan, TaskState::Running)
         };
         match decide(&h, i64::MAX, &P) {
-            LeaseAction::Lose {
-                reason,
-                release_locks,
-            } => {
-                assert!(!release_locks);
+            LeaseAction::Lose { reason } => {
+                assert!(applies(h.op, h.auto_approve));
                 assert!(reason.contains("self-applying plan"), "{reason}");
             }
             other => panic!("{other:?}"),

@@ -143,6 +143,14 @@ async fn a_running_apply_of_a_silent_agent_ends_lost_for_a_human_and_keeps_its_l
         .await
         .unwrap();
     assert!(String::from_utf8_lossy(&lock).contains("lock-1"));
+    // ... and the kept lock is audited, naming the lost task.
+    let kept = env
+        .wait_audit(|r| r.action == "state.lock_kept" && r.target == "workspace/prod")
+        .await;
+    assert!(
+        kept.detail.contains("lock-1") && kept.detail.contains(&t.id),
+        "{kept:?}"
+    );
     let (mut a2, _) = agent(&env, "a2", 1, vec![]).await;
     let next = submit(&env, &request("validate", "other")).await;
     let spec = expect_assign(&mut a2).await;
