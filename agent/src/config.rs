@@ -245,24 +245,16 @@ pub struct EgressFile {
     /// Most connections one task's proxy serves at once (tunnels included).
     pub max_connections: Option<u64>,
     /// How task bridges are isolated from the host's own services.
-    pub firewall: Option<FirewallModeName>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FirewallModeName {
-    Auto,
-    Nft,
-    Iptables,
-    Off,
+    pub firewall: Option<FirewallMode>,
 }
 
 string_enum!(
-    FirewallModeName,
+    FirewallMode,
     [
-        (FirewallModeName::Auto, "auto"),
-        (FirewallModeName::Nft, "nft"),
-        (FirewallModeName::Iptables, "iptables"),
-        (FirewallModeName::Off, "off")
+        (FirewallMode::Auto, "auto"),
+        (FirewallMode::Nft, "nft"),
+        (FirewallMode::Iptables, "iptables"),
+        (FirewallMode::Off, "off")
     ]
 );
 
@@ -910,12 +902,7 @@ impl EgressFile {
                 None
             }
         });
-        let firewall = match self.firewall {
-            None | Some(FirewallModeName::Auto) => FirewallMode::Auto,
-            Some(FirewallModeName::Nft) => FirewallMode::Nft,
-            Some(FirewallModeName::Iptables) => FirewallMode::Iptables,
-            Some(FirewallModeName::Off) => FirewallMode::Off,
-        };
+        let firewall = self.firewall.unwrap_or_default();
         EgressConfig {
             allow: self.allow.0.clone(),
             deny: self.deny.0.clone(),

@@ -51,7 +51,8 @@ const FINISH_WAIT: Duration = Duration::from_secs(30);
 /// Environment variables the agent sets for the proxy; a task may not set them (any case).
 pub const PROXY_ENV: &[&str] = &["HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "ALL_PROXY"];
 
-/// Which tool installs the per-bridge host firewall rules.
+/// Which tool installs the per-bridge host firewall rules (`egress.firewall`; its names are
+/// [`FirewallMode::as_str`], parsed in [`crate::config`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FirewallMode {
     /// nft when it runs, else iptables; neither is an error (tasks are refused).
@@ -72,16 +73,6 @@ impl FirewallMode {
             FirewallMode::Iptables => "iptables",
             FirewallMode::Off => "off",
         }
-    }
-
-    pub fn parse(s: &str) -> Option<FirewallMode> {
-        Some(match s {
-            "auto" => FirewallMode::Auto,
-            "nft" => FirewallMode::Nft,
-            "iptables" => FirewallMode::Iptables,
-            "off" => FirewallMode::Off,
-            _ => return None,
-        })
     }
 }
 
@@ -793,15 +784,19 @@ mod tests {
 
     #[test]
     fn firewall_mode_names() {
+        // Parsed as the configuration parses `egress.firewall`.
+        fn parse(s: &str) -> Option<FirewallMode> {
+            serde_json::from_value(serde_json::Value::String(s.into())).ok()
+        }
         for m in [
             FirewallMode::Auto,
             FirewallMode::Nft,
             FirewallMode::Iptables,
             FirewallMode::Off,
         ] {
-            assert_eq!(FirewallMode::parse(m.as_str()), Some(m));
+            assert_eq!(parse(m.as_str()), Some(m));
         }
-        assert_eq!(FirewallMode::parse("ufw"), None);
+        assert_eq!(parse("ufw"), None);
     }
 
     #[tokio::test]
