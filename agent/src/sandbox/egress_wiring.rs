@@ -388,10 +388,6 @@ impl TaskEgress {
         Ok(egress)
     }
 
-    pub fn proxy_addr(&self) -> SocketAddr {
-        self.proxy.local_addr()
-    }
-
     /// Revoke the credentials (open tunnels close), stop the proxy and wait until its last
     /// records are events; then report what the host firewall refused. Bounded: a stuck
     /// connection cannot hold the task's end. The firewall rules themselves stay until the
@@ -828,7 +824,7 @@ mod tests {
             .map(|(c, _)| c.to_string())
             .unwrap();
         let auth = base64::engine::general_purpose::STANDARD.encode(creds);
-        let mut c = tokio::net::TcpStream::connect(egress.proxy_addr())
+        let mut c = tokio::net::TcpStream::connect(egress.proxy.local_addr())
             .await
             .unwrap();
         c.write_all(
@@ -950,7 +946,7 @@ mod tests {
         use base64::Engine;
         let auth = base64::engine::general_purpose::STANDARD.encode(creds);
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut c = tokio::net::TcpStream::connect(egress.proxy_addr())
+        let mut c = tokio::net::TcpStream::connect(egress.proxy.local_addr())
             .await
             .unwrap();
         c.write_all(

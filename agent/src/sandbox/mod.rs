@@ -45,9 +45,7 @@ use backend::{BackendError, Credentials, StateServer};
 use bollard::Docker;
 use delegate_protocol::{ChunkKind, LogStream, Op, Outcome, Summary};
 use docker::{StepContainer, StepFailure, StepRun};
-use egress_wiring::{
-    EgressError, EgressPlan, EgressPolicy, EgressSettings, FirewallRegistry, TaskEgress,
-};
+use egress_wiring::{EgressError, EgressPlan, EgressSettings, FirewallRegistry, TaskEgress};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -416,12 +414,6 @@ impl Sandbox {
                 firewalls: FirewallRegistry::default(),
             }),
         })
-    }
-
-    /// The operator's egress policy handle: [`EgressPolicy::replace`] (SIGHUP reload) applies to
-    /// tasks started afterwards; running tasks keep the policy they started with.
-    pub fn egress_policy(&self) -> EgressPolicy {
-        self.inner.settings.egress.policy.clone()
     }
 
     pub fn settings(&self) -> &SandboxSettings {
