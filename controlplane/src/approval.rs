@@ -92,6 +92,15 @@ impl ControlPlane {
         self.audit_drops(drops);
     }
 
+    /// Task `t` ended with `outcome` at `now_ms` other than by its agent's `done` (lost with its
+    /// agent, cancelled before it ran, or its inputs unreadable): it keeps no secrets, makes
+    /// older kept plans stale as a finished task would ([`Self::secrets_after_finish`]), and its
+    /// state locks go as [`Self::locks_after_end`] decides. Takes the hub lock: call it without.
+    pub fn after_end(&self, t: &TaskRow, outcome: Outcome, now_ms: i64) {
+        self.secrets_after_finish(t, outcome, false, now_ms);
+        self.locks_after_end(t, outcome);
+    }
+
     /// Drop the kept secrets of plans whose approval window has closed at `now_ms`, and forget
     /// old drop reasons. Returns the plans whose secrets were dropped. Run from the lease loop.
     pub fn expire_plan_secrets(&self, now_ms: i64) -> Vec<Uuid> {

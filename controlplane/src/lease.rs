@@ -162,6 +162,7 @@ impl ControlPlane {
             }
         };
         let mut done = Vec::new();
+        let mut lost = Vec::new();
         let mut requeued = false;
         // Under the hub lock: an agent registering meanwhile either counts as connected here or
         // sees the outcome of this check when its Hello is handled.
@@ -187,10 +188,18 @@ impl ControlPlane {
             let applied = self.apply_lease(&mut hub, &t, agent, &action, now_ms);
             if applied {
                 requeued |= matches!(action, LeaseAction::Requeue { .. });
+                let ended = matches!(action, LeaseAction::Lose { .. });
                 done.push((t.id, action));
+                if ended {
+                    lost.push(t);
+                }
             }
         }
         drop(hub);
+        // Without the hub lock (`after_end` takes it).
+        for t in &lost {
+            self.after_end(t, Outcome::Lost, now_ms);
+        }
         if !done.is_empty() {
             self.notify_change();
         }
@@ -265,9 +274,8 @@ impl ControlPlane {
                     &id,
                     &format!("lost: {reason}"),
                 );
+                // Its locks and older kept plans: `after_end`, once the hub lock is released.
                 hub.forget_task(Some(agent), t.id, false);
-                // Takes no hub lock.
-                self.locks_after_end(t, Outcome::Lost);
             }
         }
         true
@@ -512,6 +520,36 @@ mod tests {
             assert!(audit_actions(&cp, apply).contains(&"task.finished".to_string()));
             // The requeued task is not the lease's any more; nothing else to do.
             assert!(cp.check_leases(10_000_000).is_empty());
+        }
+
+        #[test]
+        fn a_lost_apply_makes_older_kept_plans_stale() {
+            let tmp = tempfile::tempdir().unwrap();
+            let cp = plane(tmp.path());
+            let apply = task(&cp, 3, Op::Apply, true);
+            // An older plan of the workspace whose secrets wait for approval.
+            let old_plan = Uuid::from_u128(9);
+            {
+                let mut hub = cp.hub();
+                hub.secrets.insert(old_plan, Default::default());
+                hub.kept.insert(
+                    old_plan,
+                    crate::hub::KeptPlan {
+                        workspace: "w".into(),
+                        created_at_ms: 5,
+                        expires_at_ms: i64::MAX,
+                    },
+                );
+            }
+            let acted = cp.check_leases(10_000_000);
+            assert!(matches!(acted[..], [(t, LeaseAction::Lose { .. })] if t == apply));
+            let hub = cp.hub();
+            assert!(!hub.kept.contains_key(&old_plan));
+            assert!(!hub.secrets.contains_key(&old_plan));
+            let why = &hub.dropped[&old_plan].reason;
+            assert!(why.contains(&apply.to_string()), "{why}");
+            drop(hub);
+            assert!(audit_actions(&cp, old_plan).contains(&"task.secrets_dropped".to_string()));
         }
 
         #[test]

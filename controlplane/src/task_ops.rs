@@ -399,7 +399,7 @@ impl ControlPlane {
                 hub.forget_task(t.agent.as_deref(), id, false);
                 drop(hub);
                 self.audit(who, "task.cancelled", &id.to_string(), &reason);
-                self.release_locks_of(id);
+                self.after_end(&t, Outcome::Cancelled, now);
                 self.request_dispatch();
             }
             TaskState::Running => {

@@ -250,10 +250,13 @@ impl ControlPlane {
             }
         }
         let mut hub = self.hub();
+        let mut lost = Vec::new();
         match self.store.held_by(agent) {
             Ok(tasks) => {
                 for t in tasks.into_iter().filter(|t| !listed.contains(&t.id)) {
-                    self.drop_unlisted(&mut hub, agent, &t, now);
+                    if self.drop_unlisted(&mut hub, agent, &t, now) {
+                        lost.push(t);
+                    }
                 }
             }
             Err(e) => tracing::error!(agent, error = %e, "cannot list the agent's tasks"),
@@ -261,10 +264,15 @@ impl ControlPlane {
         if let Some(c) = hub.agents.get_mut(agent) {
             c.held = holding;
         }
+        drop(hub);
+        for t in &lost {
+            self.after_end(t, Outcome::Lost, now);
+        }
         points
     }
 
-    fn drop_unlisted(&self, hub: &mut Hub, agent: &str, t: &TaskRow, now: i64) {
+    /// Returns whether `t` ended lost (the caller then runs `after_end`, without the hub lock).
+    fn drop_unlisted(&self, hub: &mut Hub, agent: &str, t: &TaskRow, now: i64) -> bool {
         if t.state == TaskState::Assigned {
             let reason =
                 format!("agent {agent} reconnected without it; the assignment never reached it");
@@ -272,7 +280,7 @@ impl ControlPlane {
                 tracing::info!(task = %t.id, agent, "task requeued: {reason}");
                 self.audit("controlplane", "task.requeued", &t.id.to_string(), &reason);
             }
-            return;
+            return false;
         }
         let reason = format!(
             "agent {agent} reconnected without this task (it restarted or lost it); \
@@ -290,9 +298,10 @@ impl ControlPlane {
                 &format!("lost: {reason}"),
             );
             hub.forget_task(Some(agent), t.id, false);
-            self.locks_after_end(t, Outcome::Lost);
             self.notify_change();
+            return true;
         }
+        false
     }
 
     /// After Welcome is queued: the agent may now get work, and cancels it missed are resent.
@@ -553,9 +562,10 @@ impl ControlPlane {
     ) -> Fault {
         tracing::error!(task = %t.id, error = %e, "cannot read the task's {what}");
         let reason = format!("the control plane cannot read the task's {what}: {e}");
-        if let Ok(true) =
-            self.store
-                .finish(t.id, Outcome::Failed, Some(&reason), None, crate::now_ms())
+        let now = crate::now_ms();
+        if let Ok(true) = self
+            .store
+            .finish(t.id, Outcome::Failed, Some(&reason), None, now)
         {
             self.audit(
                 "controlplane",
@@ -572,7 +582,8 @@ impl ControlPlane {
                     reason: reason.clone(),
                 }),
             );
-            self.release_locks_of(t.id);
+            drop(hub);
+            self.after_end(t, Outcome::Failed, now);
             self.notify_change();
         }
         Fault {
