@@ -12,8 +12,8 @@
 //! - `GET /readyz`: 200 when the agent can take tasks (sandbox usable, connected, not draining),
 //!   503 with the reason otherwise.
 //!
-//! Hooks for other modules: [`global`] is the process's metrics; the spool calls
-//! `metrics::global().set_spool_bytes(n)`; egress decisions are counted from the
+//! Hooks for other modules: [`global`] is the process's metrics; the spool's size and waits are
+//! read at scrape time (`service::AgentProbe`); egress decisions are counted from the
 //! `EventKind::Egress` events tasks report (or [`Metrics::egress_decision`] for one that is not).
 //!
 //! Must never: listen on a non-loopback address, put task output, secrets or unbounded label
@@ -153,6 +153,7 @@ struct Inner {
     step_duration: Family<StepLabel, Histogram, fn() -> Histogram>,
     log_bytes: Family<StreamLabel, Counter>,
     spool_bytes: Gauge,
+    spool_waits: Counter,
     egress: Family<DecisionLabel, Counter>,
     draining: Gauge,
     ready: Gauge,
@@ -245,6 +246,12 @@ impl Metrics {
             "Bytes held in the encrypted spool",
             spool_bytes.clone(),
         );
+        let spool_waits = Counter::default();
+        registry.register(
+            "spool_waits",
+            "Appends that waited for spool space (back-pressure on a task's output)",
+            spool_waits.clone(),
+        );
         let egress = Family::<DecisionLabel, Counter>::default();
         registry.register(
             "egress_requests",
@@ -302,6 +309,7 @@ impl Metrics {
                 step_duration,
                 log_bytes,
                 spool_bytes,
+                spool_waits,
                 egress,
                 draining,
                 ready,
@@ -376,11 +384,12 @@ impl Metrics {
             .inc_by(n);
     }
 
-    /// Hook for the spool: the bytes it holds now.
-    pub fn set_spool_bytes(&self, bytes: u64) {
+    /// The spool's bytes now and the appends that have waited for space so far.
+    pub fn set_spool(&self, bytes: u64, waits: u64) {
         self.inner
             .spool_bytes
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        raise(&self.inner.spool_waits, waits);
     }
 
     /// One egress decision.
@@ -784,7 +793,7 @@ mod tests {
         m.task_finished("plan", "succeeded");
         m.step_finished("init", 1.5);
         m.log_bytes("stdout", 42);
-        m.set_spool_bytes(1234);
+        m.set_spool(1234, 5);
         m.egress_decision(false);
         m.egress_decision(true);
         m.egress_decision(true);
@@ -805,6 +814,7 @@ mod tests {
             "delegate_step_duration_seconds_count{step=\"init\"} 1",
             "delegate_task_log_bytes_total{stream=\"stdout\"} 42",
             "delegate_spool_bytes 1234",
+            "delegate_spool_waits_total 5",
             "delegate_egress_requests_total{decision=\"allowed\"} 2",
             "delegate_egress_requests_total{decision=\"denied\"} 1",
             "delegate_draining 1",

@@ -119,6 +119,9 @@ impl Probe for AgentProbe {
         m.set_link(link_state_name(&st.phase), st.connections, st.failures);
         m.set_renewals(st.renewals);
         m.set_tasks(&tasks_by_phase(&self.tasks), self.tasks.slots());
+        if let Some(s) = self.tasks.spool_stats() {
+            m.set_spool(s.bytes, s.waits);
+        }
         m.set_draining(self.draining.load(Ordering::SeqCst));
         m.set_ready(self.readiness().is_ok());
         if let Some(r) = &self.renewer {

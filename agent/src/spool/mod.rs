@@ -689,11 +689,6 @@ impl TaskSpool {
         self.last_seq
     }
 
-    /// Bytes of the whole spool (all tasks).
-    pub fn spool_usage(&self) -> u64 {
-        self.shared.usage.load(Ordering::SeqCst)
-    }
-
     /// Bytes of this task's segment files.
     pub fn bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.bytes).sum()

@@ -520,10 +520,6 @@ impl State {
     /// Delete what acknowledgements freed in every task's spool. `pressure`: appends wait.
     fn compact(&mut self, pressure: bool) {
         let pressure = pressure || self.spool_waiters > 0;
-        if let Some(s) = &self.spool {
-            // Refreshed whatever this pass frees (it may free nothing).
-            crate::metrics::global().set_spool_bytes(s.usage());
-        }
         for (id, e) in self.tasks.iter_mut() {
             let acked = e.outbox.acked();
             if let Some(sp) = e.spool.as_mut() {
@@ -659,7 +655,6 @@ impl Entry {
                 });
             }
             let appended = sp.append(&batch, false);
-            crate::metrics::global().set_spool_bytes(sp.spool_usage());
             if let Err(err) = appended {
                 error!(
                     task_id = %id,
@@ -926,9 +921,6 @@ impl Inner {
                     }
                 }
                 st.forget_acked_tasks();
-                if let Some(s) = &st.spool {
-                    crate::metrics::global().set_spool_bytes(s.usage());
-                }
                 drop(st);
                 self.space.notify_waiters();
                 self.changed.notify_waiters();
