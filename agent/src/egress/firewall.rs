@@ -439,14 +439,16 @@ pub async fn check(backend: Backend) -> Result<(), FirewallError> {
         Backend::Iptables => ("iptables", &["-w", "-n", "-L", "INPUT"]),
     };
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    run(tool, &args, None).await
+    run(tool, &args, None).await.map(drop)
 }
 
 /// Install the rules (replacing this bridge's rules if present).
 pub async fn apply(backend: Backend, iso: &Isolation) -> Result<(), FirewallError> {
     iso.validate()?;
     match backend {
-        Backend::Nft => run("nft", &["-f".into(), "-".into()], Some(render_nft(iso))).await,
+        Backend::Nft => run("nft", &["-f".into(), "-".into()], Some(render_nft(iso)))
+            .await
+            .map(drop),
         Backend::Iptables => {
             // Start clean so a re-apply does not stack duplicate rules.
             remove(Backend::Iptables, iso).await?;
@@ -468,12 +470,12 @@ pub async fn remove(backend: Backend, iso: &Isolation) -> Result<(), FirewallErr
             {
                 Ok(())
             }
-            other => other,
+            other => other.map(drop),
         },
         Backend::Iptables => {
             for (tool, args) in render_iptables_remove(iso) {
                 match run(tool, &args, None).await {
-                    Ok(()) | Err(FirewallError::Failed { .. }) => {}
+                    Ok(_) | Err(FirewallError::Failed { .. }) => {}
                     Err(e) => return Err(e),
                 }
             }
@@ -491,44 +493,19 @@ pub async fn rejected(backend: Backend, iso: &Isolation) -> Result<Vec<Rejected>
     }
     let mut all = Vec::new();
     for args in render_nft_list_rejected(iso) {
-        all.extend(parse_nft_rejected(&run_output("nft", &args).await?));
+        all.extend(parse_nft_rejected(&run("nft", &args, None).await?));
     }
     all.sort();
     Ok(all)
 }
 
-async fn run_output(tool: &'static str, args: &[String]) -> Result<String, FirewallError> {
-    let out = Command::new(tool)
-        .args(args)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => FirewallError::Missing(tool),
-            _ => FirewallError::Failed {
-                command: tool.into(),
-                detail: e.to_string(),
-            },
-        })?;
-    if out.status.success() {
-        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
-    }
-    Err(FirewallError::Failed {
-        command: format!("{tool} {}", args.join(" ")),
-        detail: String::from_utf8_lossy(&out.stderr)
-            .trim()
-            .chars()
-            .take(500)
-            .collect(),
-    })
-}
-
+/// Run a firewall tool (feeding it `stdin`); its stdout on success. Denied by the kernel (no root
+/// or `CAP_NET_ADMIN`) is [`FirewallError::NotPermitted`].
 async fn run(
     tool: &'static str,
     args: &[String],
     stdin: Option<String>,
-) -> Result<(), FirewallError> {
+) -> Result<String, FirewallError> {
     let mut cmd = Command::new(tool);
     cmd.args(args)
         .stdin(if stdin.is_some() {
@@ -536,7 +513,7 @@ async fn run(
         } else {
             Stdio::null()
         })
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     let mut child = cmd.spawn().map_err(|e| match e.kind() {
@@ -566,7 +543,7 @@ async fn run(
             detail: e.to_string(),
         })?;
     if out.status.success() {
-        return Ok(());
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
     let detail = String::from_utf8_lossy(&out.stderr)
         .trim()
