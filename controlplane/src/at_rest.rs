@@ -377,11 +377,17 @@ impl BlobStore {
     }
 
     /// Re-encrypt blob `id` under the current key (streaming; the original stays until the new
-    /// file is complete and verified).
-    pub fn reseal(&self, what: &str, id: &str) -> Result<Reseal, AtRestError> {
-        let path = self.path(what, id)?;
+    /// file is complete and verified). `what` names the blob in an error; it is only called then
+    /// (finding a blob's owner is a database search).
+    pub fn reseal(&self, what: impl FnOnce() -> String, id: &str) -> Result<Reseal, AtRestError> {
+        let Some(path) = self.file(id) else {
+            return Err(AtRestError::NotFound {
+                what: what(),
+                id: id.into(),
+            });
+        };
         delegate_crypto::reseal(&self.at_rest.ring(), &path)
-            .map_err(|e| AtRestError::from_crypto(&format!("{what} (blob {id})"), e))
+            .map_err(|e| AtRestError::from_crypto(&format!("{} (blob {id})", what()), e))
     }
 }
 
@@ -573,7 +579,7 @@ mod tests {
         assert_eq!(at.key_id_of("v", &new_value).unwrap(), r.to);
 
         assert_eq!(
-            store.reseal("state", &old_blob).unwrap(),
+            store.reseal(|| "state".into(), &old_blob).unwrap(),
             Reseal::Resealed {
                 from: first.clone(),
                 to: r.to.clone()

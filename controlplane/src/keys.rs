@@ -118,8 +118,9 @@ pub fn reseal(store: &Store, blobs: &BlobStore, who: &str) -> Result<ResealRepor
         ..Default::default()
     };
     for id in blobs.ids()? {
-        let what = blob_owner(store, &id).unwrap_or_else(|| "unreferenced blob".to_string());
-        match blobs.reseal(&what, &id) {
+        // The owner only names a failure: it is an unindexed search over four tables.
+        let what = || blob_owner(store, &id).unwrap_or_else(|| "unreferenced blob".to_string());
+        match blobs.reseal(what, &id) {
             Ok(Reseal::Resealed { .. }) => report.blobs_resealed += 1,
             Ok(Reseal::AlreadyCurrent { .. }) => report.blobs_already_current += 1,
             // Deleted meanwhile (a state DELETE): nothing left to re-seal.
