@@ -1075,7 +1075,9 @@ fn duration_key(
     }
 }
 
-fn check_name(n: &str) -> Result<(), String> {
+/// An agent or pool name: 1 to `MAX_NAME` bytes of letters, digits, '.', '_' and '-', starting
+/// with a letter or digit.
+pub(crate) fn check_name(n: &str) -> Result<(), String> {
     let ok_first = n.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
     let ok_rest = n
         .chars()

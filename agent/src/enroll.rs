@@ -253,12 +253,7 @@ pub fn check_answer(
         })?;
     crate::config::parse_wss_url(&resp.agent_url).map_err(|e| bad(format!("agent_url: {e}")))?;
     for (what, v) in [("name", &resp.name), ("pool", &resp.pool)] {
-        let ok = !v.is_empty()
-            && v.len() <= delegate_protocol::limits::MAX_NAME
-            && v.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-            && v.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if !ok {
+        if !valid_name(v) {
             return Err(bad(format!("{what} {v:?} is not a valid agent {what}")));
         }
     }
@@ -281,11 +276,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 fn valid_name(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= delegate_protocol::limits::MAX_NAME
-        && n.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && n.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    crate::config::check_name(n).is_ok()
 }
 
 /// This host's short name, the default `--name`.
@@ -346,15 +337,7 @@ pub async fn enroll(req: &EnrollRequest) -> Result<Enrolled, EnrollError> {
 
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| EnrollError::Local(format!("cannot generate a key: {e}")))?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
-        .map_err(|e| EnrollError::Local(format!("cannot build a CSR: {e}")))?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, req.name.as_str());
-    let csr = params
-        .serialize_request(&key)
-        .and_then(|c| c.pem())
-        .map_err(|e| EnrollError::Local(format!("cannot sign a CSR: {e}")))?;
+    let csr = tls::csr_pem(&key, &req.name).map_err(EnrollError::Local)?;
 
     let mut tls_config =
         tls::ca_pinned_client_config(pin).map_err(|e| EnrollError::Local(e.to_string()))?;

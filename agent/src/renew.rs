@@ -144,17 +144,7 @@ impl Renewer {
     /// A PEM CSR for the current key, naming `name` (the control plane issues for the identity
     /// of the connection whatever the CSR names).
     pub fn csr_pem(&self, name: &str) -> Result<String, RenewError> {
-        let key = self.key_pair()?;
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
-            .map_err(|e| RenewError::Refused(format!("cannot build a CSR: {e}")))?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let csr = params
-            .serialize_request(&key)
-            .map_err(|e| RenewError::Refused(format!("cannot sign a CSR: {e}")))?;
-        csr.pem()
-            .map_err(|e| RenewError::Refused(format!("cannot encode a CSR: {e}")))
+        tls::csr_pem(&self.key_pair()?, name).map_err(RenewError::Refused)
     }
 
     /// Check the answer, write it atomically, use it for the next connection.

@@ -125,6 +125,20 @@ pub fn client_config(
     client_config_from_parts(roots, chain, key, spki_pin, cert_file, key_file)
 }
 
+/// A PEM certificate signing request for `key`, with `name` as its common name (enrollment and
+/// renewal; the control plane decides the identity it certifies).
+pub fn csr_pem(key: &rcgen::KeyPair, name: &str) -> Result<String, String> {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
+        .map_err(|e| format!("cannot build a CSR: {e}"))?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params
+        .serialize_request(key)
+        .and_then(|c| c.pem())
+        .map_err(|e| format!("cannot sign a CSR: {e}"))
+}
+
 /// Parse a PEM CA bundle held in memory (read from `path`, or from a renewal answer to be written
 /// there); `path` names it in messages.
 pub fn parse_ca_pem(pem: &[u8], path: &Path) -> Result<RootCertStore, TlsError> {
