@@ -97,6 +97,20 @@ pub fn check_name(what: &str, s: &str) -> Result<(), OpError> {
     }
 }
 
+/// Pool names, for tasks and for enrollment tokens ([`crate::tokens::valid_pool`]): a name that
+/// also starts with a letter or digit, as an agent's `agent.pool` must (a task for any other
+/// pool could never run).
+pub fn check_pool(s: &str) -> Result<(), OpError> {
+    check_name("pool", s)?;
+    if s.as_bytes()[0].is_ascii_alphanumeric() {
+        Ok(())
+    } else {
+        Err(bad(format!(
+            "pool {s:?} is invalid: it must start with a letter or digit (as an agent's agent.pool)"
+        )))
+    }
+}
+
 fn check_ident(what: &str, k: &str, allow_dash: bool) -> Result<(), OpError> {
     let mut bytes = k.bytes();
     let first_ok = matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_');
@@ -197,7 +211,7 @@ pub fn validate_submit(
     })?;
     check_name("workspace", &req.workspace)?;
     let pool = req.pool.clone().unwrap_or_else(|| default_pool.to_string());
-    check_name("pool", &pool)?;
+    check_pool(&pool)?;
     // Refuse an oversized archive before decoding it.
     let approx = (req.archive_b64.len() as u64 / 4) * 3;
     if approx > max_archive + 3 {
@@ -614,6 +628,12 @@ mod tests {
             (Box::new(|r| r.op = "nuke".into()), 400, "op"),
             (Box::new(|r| r.workspace = "../x".into()), 400, "workspace"),
             (Box::new(|r| r.pool = Some("".into())), 400, "pool"),
+            (Box::new(|r| r.pool = Some("-x".into())), 400, "pool"),
+            (
+                Box::new(|r| r.pool = Some("_x".into())),
+                400,
+                "letter or digit",
+            ),
             (Box::new(|r| r.archive_b64 = "%%%".into()), 400, "base64"),
             (
                 Box::new(|r| r.archive_b64 = B64.encode(vec![0u8; 2000])),

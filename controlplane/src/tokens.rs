@@ -129,14 +129,9 @@ pub fn valid_enroll_name(name: &str) -> bool {
 }
 
 /// A pool an enrolled agent is bound to: what the agent accepts in the enrollment answer and
-/// writes into its `agent.toml`.
+/// writes into its `agent.toml`. The same check as a task's pool ([`crate::task_ops::check_pool`]).
 pub fn valid_pool(pool: &str) -> bool {
-    let b = pool.as_bytes();
-    !b.is_empty()
-        && b.len() <= delegate_protocol::limits::MAX_NAME
-        && b[0].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
+    crate::task_ops::check_pool(pool).is_ok()
 }
 
 /// A token's name prefix: like a name, at most 40 characters.
@@ -574,6 +569,14 @@ mod tests {
         }
         for bad in ["", "-x", "a b", "a/b", "x\n", &"p".repeat(257)] {
             assert!(!valid_pool(bad), "{bad:?}");
+        }
+        // One rule with tasks' pools.
+        for p in ["default", "_x", ".x", "-x", "a_b", "é", &"p".repeat(256)] {
+            assert_eq!(
+                valid_pool(p),
+                crate::task_ops::check_pool(p).is_ok(),
+                "{p:?}"
+            );
         }
         assert!(!valid_name_prefix(&"x".repeat(41)));
     }
