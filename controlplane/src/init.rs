@@ -122,13 +122,9 @@ pub fn init(dd: &DataDir, opts: &InitOptions) -> Result<InitReport, InitError> {
     // The at-rest key: `DIR/keys/<id>.key`, 0600. No `current` file, so `DELEGATE_CP_KEY`, when
     // set at serve, is the current key instead (see `at_rest`); `keys rotate` names one later.
     // Keys someone placed there beforehand are kept.
-    let has_key = std::fs::read_dir(dd.keys_dir()).is_ok_and(|mut d| {
-        d.any(|e| {
-            e.ok()
-                .and_then(|e| e.file_name().to_str().map(|n| n.ends_with(".key")))
-                .unwrap_or(false)
-        })
-    });
+    // A leftover temporary key file (dot-prefixed) is no key.
+    let has_key = delegate_crypto::has_key_files(&dd.keys_dir())
+        .map_err(|e| InitError::Keys(e.to_string()))?;
     if !has_key {
         delegate_crypto::generate_key_file(&dd.keys_dir())
             .map_err(|e| InitError::Keys(e.to_string()))?;
@@ -294,6 +290,23 @@ mod tests {
 
         let err = init(&dd, &opts).unwrap_err();
         assert!(matches!(err, InitError::AlreadyInitialised(_)), "{err}");
+    }
+
+    #[test]
+    fn a_leftover_temporary_key_file_is_no_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dd = DataDir::new(tmp.path().join("cp"));
+        std::fs::create_dir_all(dd.keys_dir()).unwrap();
+        std::fs::write(dd.keys_dir().join(".tmp-abc.key"), b"partial").unwrap();
+        init(&dd, &InitOptions::default()).unwrap();
+        let keys: Vec<String> = std::fs::read_dir(dd.keys_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".key") && !n.starts_with('.'))
+            .collect();
+        assert_eq!(keys.len(), 1, "a real key was generated: {keys:?}");
+        let at = crate::at_rest::AtRest::load(&dd.keys_dir(), None).unwrap();
+        assert_eq!(keys[0], format!("{}.key", at.current_key_id()));
     }
 
     #[test]

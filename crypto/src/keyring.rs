@@ -203,7 +203,9 @@ impl KeyRing {
     }
 }
 
-fn has_key_files(dir: &Path) -> Result<bool> {
+/// Whether `dir` holds a key file (`*.key`; a dot-prefixed name is a temporary file being
+/// written, not a key). A missing directory holds none.
+pub fn has_key_files(dir: &Path) -> Result<bool> {
     match fs::read_dir(dir) {
         Ok(entries) => {
             for entry in entries {

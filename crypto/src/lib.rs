@@ -78,7 +78,7 @@ pub use format::{
     MAX_CHUNK_SIZE, MAX_KEY_ID_LEN, MIN_CHUNK_SIZE, NONCE_PREFIX_LEN, SALT_LEN, TAG_LEN, VERSION,
 };
 pub use keyring::{
-    generate_key_file, import_key_file, restrict_permissions, rotate, write_current, KeyRing,
-    CURRENT_FILE, DEFAULT_ENV_KEY_ID, KEY_LEN,
+    generate_key_file, has_key_files, import_key_file, restrict_permissions, rotate, write_current,
+    KeyRing, CURRENT_FILE, DEFAULT_ENV_KEY_ID, KEY_LEN,
 };
 pub use stream::{open, seal, Opener, Sealer};
