@@ -90,10 +90,8 @@ async fn set_secret(
     body: Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
     check_ws(&ws)?;
-    // serde's message could quote the value: answer with a fixed one.
-    let body: SecretBody = serde_json::from_slice(&body).map_err(|_| {
-        ApiError::bad_request("the body must be a JSON object {\"value\": \"...\"}")
-    })?;
+    // `parse` never quotes the body (here: the value) in its message.
+    let body: SecretBody = crate::json_body::parse(&body, "invalid secret body")?;
     crate::task_ops::check_secret(&name, &body.value)?;
     let replaced = cp
         .store

@@ -593,6 +593,22 @@ async fn workspace_secrets_survive_a_restart_and_short_secrets_are_refused() {
         !err.contains("leak-me") && !err.contains("123456789"),
         "{err}"
     );
+    for body in [
+        &br#"{"value": "leak-me-2", "leak-me-3": 1}"#[..],
+        br#"{"value": "leak-me-2\q"}"#,
+        br#"{"value": "leak-me-2"} leak-me-3"#,
+        br#"{"value": "leak-me-2"#,
+    ] {
+        let err = api
+            .put_bytes::<serde_json::Value>("/api/v1/workspaces/w/secrets/X", body.to_vec())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("invalid secret body") && !err.contains("leak-me"),
+            "{err}"
+        );
+    }
 
     cli_admin::secrets_set(&api, "w", "WS_TOKEN", WS_SECRET)
         .await
